@@ -1,0 +1,5 @@
+import sys
+
+from passreid.cli import main
+
+sys.exit(main())

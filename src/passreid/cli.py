@@ -1,0 +1,61 @@
+"""The ``passreid`` command: one subcommand per module of ``passreid.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from passreid import __version__
+from passreid.errors import PassReIDError
+
+
+def discover_commands() -> list[ModuleType]:
+    """Every module in ``passreid.commands`` that defines ``NAME``, ``add_arguments`` and ``run``."""
+    import passreid.commands as package
+
+    modules = []
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        if all(hasattr(module, attr) for attr in ("NAME", "add_arguments", "run")):
+            modules.append(module)
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="passreid",
+        description="Part-aware self-supervised pre-training (PASS) for person re-identification.",
+    )
+    parser.add_argument("--version", action="version", version=f"passreid {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in sorted(discover_commands(), key=lambda m: m.NAME):
+        cmd = sub.add_parser(module.NAME, help=getattr(module, "HELP", ""), description=getattr(module, "HELP", ""))
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args._run(args) or 0)
+    except PassReIDError as exc:
+        if args.verbose:
+            raise
+        print(f"passreid {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

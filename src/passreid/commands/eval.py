@@ -1,0 +1,51 @@
+"""``passreid eval``: mAP / CMC / mINP of a model on a data set, or of two feature files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from passreid.commands._common import add_model_data_arguments, extraction_kwargs, load_model_and_data
+
+NAME = "eval"
+HELP = "evaluate a checkpoint on a data set (or query/gallery feature files): mAP, CMC, mINP"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_data_arguments(parser, required=False)
+    feats = parser.add_argument_group("or precomputed features")
+    feats.add_argument("--query-features", metavar="Q.npz")
+    feats.add_argument("--gallery-features", metavar="G.npz")
+    parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
+    parser.add_argument("--json", metavar="OUT", help="write the metrics JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from passreid.engine import resolve_device
+    from passreid.errors import ConfigError
+    from passreid.evaluation import format_metrics
+    from passreid.features import FeatureSet, evaluate_features, extract_features
+
+    use_features = args.query_features or args.gallery_features
+    use_model = args.checkpoint or args.dataset or args.root
+    if use_features and use_model:
+        raise ConfigError("give either --checkpoint/--dataset/--root or --query-features/--gallery-features, not both")
+    if use_features:
+        if not (args.query_features and args.gallery_features):
+            raise ConfigError("--query-features and --gallery-features go together")
+        query, gallery = FeatureSet.load(args.query_features), FeatureSet.load(args.gallery_features)
+        device = resolve_device(args.device)
+    else:
+        if not (args.checkpoint and args.dataset and args.root):
+            raise ConfigError("give --checkpoint, --dataset and --root (or --query-features and --gallery-features)")
+        model, dataset, img_size, device = load_model_and_data(args)
+        kwargs = extraction_kwargs(args, img_size, device)
+        query = extract_features(model, dataset.query, **kwargs)
+        gallery = extract_features(model, dataset.gallery, **kwargs)
+    metrics = evaluate_features(query, gallery, rerank=args.rerank, device=device)
+    print(format_metrics(metrics))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0

@@ -1,0 +1,150 @@
+"""Feature extraction over image records and the ``.npz`` feature file (DESIGN §8)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from passreid.data.datasets import ImageRecord, ReIDDataset
+from passreid.data.images import ImageDataset
+from passreid.data.transforms import HALF, build_test_transform
+from passreid.engine import autocast, resolve_precision
+from passreid.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+NPZ_KEYS = ("features", "pids", "camids", "paths")
+
+
+@dataclass
+class FeatureSet:
+    """Features ``(N, D)`` float32 with their identities, cameras and image paths."""
+
+    features: np.ndarray
+    pids: np.ndarray
+    camids: np.ndarray
+    paths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, features=self.features.astype(np.float32), pids=self.pids.astype(np.int64),
+                 camids=self.camids.astype(np.int64), paths=self.paths.astype(str))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureSet:
+        """Read a feature file; a missing file or key is a ``DatasetError`` naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise DatasetError(f"feature file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = [k for k in NPZ_KEYS if k not in data.files]
+                if missing:
+                    raise DatasetError(f"feature file {path} lacks key(s) {', '.join(missing)} (needs {', '.join(NPZ_KEYS)})")
+                arrays = {k: data[k] for k in NPZ_KEYS}
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"feature file {path} cannot be read as .npz: {exc}") from exc
+        n = len(arrays["features"])
+        if arrays["features"].ndim != 2 or any(len(arrays[k]) != n for k in NPZ_KEYS):
+            raise DatasetError(f"feature file {path}: features must be (N, D) with N pids, camids and paths")
+        return cls(arrays["features"].astype(np.float32), arrays["pids"].astype(np.int64),
+                   arrays["camids"].astype(np.int64), arrays["paths"])
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    records: Sequence[ImageRecord],
+    *,
+    img_size: Sequence[int],
+    batch_size: int = 128,
+    num_workers: int = 2,
+    device: torch.device | str = "cpu",
+    flip: bool = False,
+    precision: str = "auto",
+    mean: Sequence[float] = HALF,
+    std: Sequence[float] = HALF,
+    progress: bool = False,
+) -> FeatureSet:
+    """Run ``model`` (in eval mode it returns L2-normalised features) over ``records``.
+
+    With ``flip`` the features of the image and its mirror are averaged and
+    normalised again. Mixed precision follows ``precision`` (bf16 on GPU by default).
+    """
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    loader = DataLoader(
+        ImageDataset(list(records), transform=build_test_transform(img_size, mean, std)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    was_training = model.training
+    model.eval()
+    chunks = []
+    batches: Any = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc="extract", unit="batch", leave=False)
+    for images, *_ in batches:
+        images = images.to(device, non_blocking=True)
+        with autocast(device, precision):
+            feats = model(images).float()
+            if flip:
+                feats = feats + model(images.flip(-1)).float()
+        chunks.append(nn.functional.normalize(feats, dim=1).cpu())
+    model.train(was_training)
+    features = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
+    return FeatureSet(
+        features=features.astype(np.float32),
+        pids=np.array([r.pid for r in records], dtype=np.int64),
+        camids=np.array([r.camid for r in records], dtype=np.int64),
+        paths=np.array([r.path for r in records], dtype=str),
+    )
+
+
+def evaluate_features(query: FeatureSet, gallery: FeatureSet, *, rerank: bool = False,
+                      device: torch.device | str | None = None) -> dict[str, Any]:
+    """DESIGN §6 metrics of a query and a gallery feature set."""
+    from passreid.evaluation import evaluate
+
+    return evaluate(query.features, gallery.features, query.pids, gallery.pids, query.camids, gallery.camids,
+                    rerank=rerank, device=device)
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: ReIDDataset,
+    *,
+    img_size: Sequence[int],
+    device: torch.device | str = "cpu",
+    batch_size: int = 128,
+    num_workers: int = 2,
+    flip: bool = False,
+    rerank: bool = False,
+    precision: str = "auto",
+) -> dict[str, Any]:
+    """Extract query and gallery features of ``dataset`` with ``model`` and compute the metrics."""
+    kwargs = dict(img_size=img_size, batch_size=batch_size, num_workers=num_workers, device=device, flip=flip,
+                  precision=precision)
+    query = extract_features(model, dataset.query, **kwargs)
+    gallery = extract_features(model, dataset.gallery, **kwargs)
+    return evaluate_features(query, gallery, rerank=rerank, device=device)
