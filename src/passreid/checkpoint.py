@@ -58,8 +58,6 @@ _TRAINING_KEYS = frozenset({"optimizer", "scheduler", "scaler", "rng", "epoch", 
 _WRAPPER_KEYS = ("state_dict", "model", "module", "net")
 _REID_HEAD = re.compile(r"^(bottleneck(_\d+|_pt\d+)?|classifier)\.")
 _BACKBONE_HEAD = re.compile(r"^(head|head_dist|pre_logits)\.")
-_SPECIAL_KEYS = ("cls_token", "part_token1", "part_token2", "part_token3",
-                 "cls_pos", "part1_pos", "part2_pos", "part3_pos")
 _MAX_LISTED = 30
 
 
