@@ -379,7 +379,7 @@ class CSVDataset(ReIDDataset):
         if empty:
             raise DatasetError(f"CSV file {csv_path} has no rows for split(s) {', '.join(empty)}")
         splits["train"] = relabel(splits["train"])
-        super().__init__("csv", **splits, version="camid" if has_camid else "no-camid", root=csv_path)
+        super().__init__("csv", **splits, version=None, root=csv_path)
 
 
 # --------------------------------------------------------------------------- unlabeled image folder

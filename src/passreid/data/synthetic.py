@@ -25,8 +25,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -37,6 +39,7 @@ from passreid.errors import ConfigError, DatasetError
 logger = logging.getLogger(__name__)
 
 RGB = tuple[int, int, int]
+T = TypeVar("T")
 
 CLOTHES: tuple[RGB, ...] = (
     (22, 22, 24), (236, 236, 230), (128, 128, 128), (68, 68, 74), (205, 32, 36), (118, 22, 32),
@@ -156,13 +159,13 @@ def _jitter(rng: np.random.Generator, color: RGB, sigma: float) -> np.ndarray:
     return np.clip(np.asarray(color, np.float32) + rng.normal(0, sigma, 3), 0, 255).astype(np.float32)
 
 
-def _pick(rng: np.random.Generator, options: tuple) -> object:
+def _pick(rng: np.random.Generator, options: Sequence[T]) -> T:
     return options[int(rng.integers(len(options)))]
 
 
 def _clothes_color(rng: np.random.Generator, style: DomainStyle, avoid: int | None = None) -> np.ndarray:
     while True:
-        index = int(_pick(rng, DARK_CLOTHES)) if rng.random() < style.dark_clothes else int(rng.integers(len(CLOTHES)))
+        index = _pick(rng, DARK_CLOTHES) if rng.random() < style.dark_clothes else int(rng.integers(len(CLOTHES)))
         if index != avoid:
             return _jitter(rng, CLOTHES[index], 10.0)
 
@@ -174,20 +177,20 @@ def random_person(rng: np.random.Generator, style: DomainStyle) -> Person:
     return Person(
         skin=_jitter(rng, _pick(rng, SKIN), 6.0),
         hair=_jitter(rng, _pick(rng, HAIR), 6.0),
-        hair_style=str(_pick(rng, ("short", "short", "long", "cap"))),
+        hair_style=_pick(rng, ("short", "short", "long", "cap")),
         cap=_clothes_color(rng, style),
         upper=upper,
         upper2=_clothes_color(rng, style, avoid=_nearest(upper, CLOTHES)),
-        upper_texture=str(_pick(rng, UPPER_TEXTURES)),
+        upper_texture=_pick(rng, UPPER_TEXTURES),
         upper_freq=float(rng.uniform(9.0, 16.0)),
         long_sleeves=bool(rng.random() < 0.6),
         lower=lower,
         lower2=_clothes_color(rng, style, avoid=_nearest(lower, CLOTHES)),
-        lower_kind=str(_pick(rng, LOWER_KINDS)),
-        lower_texture=str(_pick(rng, LOWER_TEXTURES)),
+        lower_kind=_pick(rng, LOWER_KINDS),
+        lower_texture=_pick(rng, LOWER_TEXTURES),
         shoes=_jitter(rng, _pick(rng, ((25, 25, 25), (235, 235, 235), (120, 80, 50), (200, 40, 40), (40, 60, 150))),
                       8.0),
-        bag=str(_pick(rng, BAGS)),
+        bag=_pick(rng, BAGS),
         bag_color=_clothes_color(rng, style),
         bag_side=1 if rng.random() < 0.5 else -1,
         height=float(rng.uniform(0.93, 1.03)),
@@ -202,7 +205,7 @@ def random_camera(rng: np.random.Generator, style: DomainStyle) -> Camera:
     return Camera(
         wall=_jitter(rng, _pick(rng, style.walls), 12.0),
         floor=_jitter(rng, _pick(rng, style.floors), 10.0),
-        background=str(_pick(rng, style.backgrounds)),
+        background=_pick(rng, style.backgrounds),
         horizon=float(rng.uniform(0.55, 0.85)),
         period=float(rng.uniform(6.0, 16.0)),
         blobs=np.stack([rng.uniform(0, 1, num_blobs), rng.uniform(0.05, 0.5, num_blobs),
