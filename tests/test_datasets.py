@@ -25,6 +25,7 @@ from passreid.data import (
     dataset_fingerprint,
     list_datasets,
     read_image,
+    relabel,
 )
 from passreid.errors import DatasetError
 
@@ -77,6 +78,13 @@ def test_market_identities_cameras_junk_and_distractors(market: Path) -> None:
                                    "0000_c1s1_000500_01.jpg": (0, 0)}
     assert (ds.num_train_pids, ds.num_train_cams) == (3, 3)
     assert all(Path(r.path).is_file() for r in ds.train + ds.query + ds.gallery)
+
+
+def test_relabel_follows_sorted_original_ids() -> None:
+    # {16, 9, 3} iterates as 16, 9, 3 in a Python set: only sorting gives 3 -> 0, 9 -> 1, 16 -> 2.
+    records = [ImageRecord(f"{i}.jpg", pid, 0) for i, pid in enumerate([16, 9, 16, 3])]
+    assert [r.pid for r in relabel(records)] == [2, 1, 2, 0]
+    assert [r.path for r in relabel(records)] == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
 
 
 def test_summary_table(market: Path) -> None:
