@@ -111,6 +111,6 @@ def random_init_stage(ctx: DemoContext) -> list[StageResult]:
     torch.manual_seed(ctx.seed)
     backbone = create_model(DEMO_MODEL["name"], img_size=DEMO_IMG_SIZE, depth=DEMO_MODEL["depth"])
     model = ReIDModel(backbone).to(ctx.device)
-    dataset = build_dataset("market1501", ctx.source_root)
+    dataset = build_dataset("synthetic", ctx.source_root)
     metrics = evaluate_model(model, dataset, img_size=DEMO_IMG_SIZE, device=ctx.device, num_workers=0)
     return [result_from_metrics("random-init", metrics, time.perf_counter() - t0)]

@@ -20,7 +20,7 @@ def add_model_data_arguments(parser: argparse.ArgumentParser, *, required: bool 
     group.add_argument("--checkpoint", metavar="CKPT", required=required,
                        help="any supported checkpoint (fine-tuned, pretraining, backbone, timm)")
     group.add_argument("--dataset", metavar="NAME", required=required,
-                       help="market1501, msmt17, dukemtmc, cuhk03np, csv or synthetic")
+                       help="market1501, msmt17, dukemtmc, cuhk03np, csv, imagefolder or synthetic")
     group.add_argument("--root", metavar="DIR", required=required, help="data set folder (the CSV file for csv)")
     group.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"),
                        help="input size (default: the checkpoint's)")
