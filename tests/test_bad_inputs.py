@@ -1,0 +1,523 @@
+"""Catalogue of bad inputs and faults: each gives a clear error naming the culprit, or a stated recovery.
+
+Every case here is a row of ``docs/bad_inputs.md``. An error case asserts the
+exact ``passreid.errors`` type and that the message names the file, key or value
+a user has to fix; a recovery case asserts what was recovered (counts, surviving
+files, computed metrics). The cases work on a real synthetic Market-1501 layout
+and tiny models, through the same entry points a user calls.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from passreid import create_model, load_checkpoint
+from passreid.checkpoint import safe_load
+from passreid.cli import main as cli_main
+from passreid.cluster import ClusterConfig
+from passreid.config import load_config
+from passreid.data.datasets import ImageRecord, build_dataset
+from passreid.data.images import ImageDataset, read_image
+from passreid.data.synthetic import generate_synthetic
+from passreid.engine import (
+    explain_oom,
+    load_training_checkpoint,
+    loss_is_finite,
+    save_training_checkpoint,
+)
+from passreid.errors import CheckpointError, ConfigError, DatasetError, TrainingError
+from passreid.evaluation import evaluate
+from passreid.features import FeatureSet
+from passreid.models import ReIDModel
+
+TINY = dict(depth=1)
+SIZE = (64, 32)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def synth_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small synthetic Market-1501 set per module (8 ids, 3 cameras, 64x32), copied per test."""
+    root = tmp_path_factory.mktemp("synth") / "market"
+    generate_synthetic(root, num_ids=8, num_cams=3, seed=0, img_size=SIZE, num_distractors=2, num_junk=2)
+    return root
+
+
+@pytest.fixture
+def market(synth_master: Path, tmp_path: Path) -> Path:
+    """A private copy of the synthetic set that a test may damage."""
+    return Path(shutil.copytree(synth_master, tmp_path / "market"))
+
+
+def first_image(folder: Path) -> Path:
+    return sorted(p for p in folder.iterdir() if p.suffix == ".jpg")[0]
+
+
+def tiny_backbone(img_size: tuple[int, int] = SIZE, name: str = "pass_vit_tiny", depth: int = 1):
+    torch.manual_seed(0)
+    return create_model(name, img_size=img_size, depth=depth)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _zero_byte(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _truncated(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _not_an_image(path: Path) -> None:
+    path.write_text("this is a README saved with a .jpg name\n")
+
+
+BAD_IMAGES = {
+    "zero-byte": (_zero_byte, "empty (0 bytes)"),
+    "truncated": (_truncated, "truncated"),
+    "not-an-image": (_not_an_image, "not an image"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
+def test_bad_image_names_the_file(market: Path, kind: str) -> None:
+    damage, fragment = BAD_IMAGES[kind]
+    path = first_image(market / "bounding_box_train")
+    damage(path)
+    with pytest.raises(DatasetError) as err:
+        read_image(path)
+    assert fragment in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
+def test_bad_image_in_a_loader_worker_is_a_dataset_error_naming_the_file(market: Path, kind: str) -> None:
+    """A bad file read inside a DataLoader worker process reaches the main process as the same error type."""
+    damage, fragment = BAD_IMAGES[kind]
+    dataset = build_dataset("market1501", market)
+    bad = Path(dataset.train[3].path)
+    damage(bad)
+    loader = torch.utils.data.DataLoader(ImageDataset(dataset.train[:6]), batch_size=None, num_workers=1)
+    with pytest.raises(DatasetError) as err:
+        list(loader)
+    assert str(bad) in str(err.value) and fragment in str(err.value)
+
+
+def test_skip_corrupt_replaces_bad_images_and_counts_them(market: Path) -> None:
+    dataset = build_dataset("market1501", market)
+    records = dataset.train[:6]
+    _zero_byte(Path(records[1].path))
+    _truncated(Path(records[4].path))
+    images = ImageDataset(records, skip_corrupt=True)
+    loader = torch.utils.data.DataLoader(images, batch_size=None, num_workers=1, collate_fn=lambda item: item)
+    served = [index for _, _, _, index in loader]
+    # The bad items are replaced by their next readable neighbour; nothing else changes.
+    assert served == [0, 2, 2, 3, 5, 5]
+    assert images.skipped_paths() == [records[1].path, records[4].path]
+
+
+def test_non_image_files_in_a_data_folder_are_ignored(market: Path, synth_master: Path) -> None:
+    """Archive leftovers (notes, ``Thumbs.db``, macOS ``._x.jpg`` forks) are not images and are not listed."""
+    train = market / "bounding_box_train"
+    (train / "readme.txt").write_text("downloaded from ...\n")
+    (train / "Thumbs.db").write_bytes(b"\x00" * 64)
+    (train / ("._" + first_image(train).name)).write_bytes(b"\x00\x05\x16\x07")
+    (train / "sub").mkdir()
+    got = build_dataset("market1501", market)
+    clean = build_dataset("market1501", synth_master)
+    assert [Path(r.path).name for r in got.train] == [Path(r.path).name for r in clean.train]
+
+
+# ----------------------------------------------------------------------------- data set layouts
+
+
+def test_missing_split_folder_is_named(market: Path) -> None:
+    shutil.rmtree(market / "query")
+    with pytest.raises(DatasetError) as err:
+        build_dataset("market1501", market)
+    assert str(market / "query") in str(err.value) and "not found" in str(err.value)
+
+
+def test_missing_data_set_root_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="not found") as err:
+        build_dataset("market1501", tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["person12.jpg", "0001_cam1_000001.jpg", "0001_c1s1_000451.jpg"])
+def test_file_name_that_does_not_parse_is_named(market: Path, name: str) -> None:
+    shutil.copy(first_image(market / "bounding_box_test"), market / "bounding_box_test" / name)
+    with pytest.raises(DatasetError, match="cannot parse identity and camera") as err:
+        build_dataset("market1501", market)
+    assert str(market / "bounding_box_test" / name) in str(err.value)
+
+
+def test_empty_split_is_named(market: Path) -> None:
+    for path in (market / "bounding_box_test").iterdir():
+        path.unlink()
+    with pytest.raises(DatasetError, match="holds no images") as err:
+        build_dataset("market1501", market)
+    assert str(market / "bounding_box_test") in str(err.value)
+
+
+def test_split_of_only_junk_identities_is_named(market: Path) -> None:
+    query = market / "query"
+    for i, path in enumerate(sorted(query.iterdir())):
+        path.rename(query / f"-1_c1s1_{i:06d}_01.jpg")
+    with pytest.raises(DatasetError, match="only junk") as err:
+        build_dataset("market1501", market)
+    assert str(query) in str(err.value)
+
+
+def test_unknown_data_set_name_lists_the_known_ones(market: Path) -> None:
+    with pytest.raises(DatasetError) as err:
+        build_dataset("market-1501", market)
+    assert "'market-1501'" in str(err.value) and "market1501" in str(err.value) and "msmt17" in str(err.value)
+
+
+def _msmt17(root: Path, image: Path) -> Path:
+    """A minimal MSMT17_V1 tree: two identities seen by two cameras in train, query and gallery."""
+    lists: dict[str, list[str]] = {}
+    for split, folder in (("train", "train"), ("val", "train"), ("query", "test"), ("gallery", "test")):
+        lines = []
+        for pid in (0, 1):
+            for cam in (1, 2):
+                rel = f"{pid:04d}/{pid:04d}_{split}_{cam:02d}_0303morning_{cam:04d}_0.jpg"
+                (root / folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(image, root / folder / rel)
+                lines.append(f"{rel} {pid}")
+        lists[split] = lines
+    for split, lines in lists.items():
+        (root / f"list_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_msmt17_list_pointing_at_a_missing_image_names_list_line_and_image(market: Path, tmp_path: Path) -> None:
+    root = _msmt17(tmp_path / "MSMT17_V1", first_image(market / "query"))
+    assert len(build_dataset("msmt17", root).gallery) == 4  # the intact tree loads
+    missing = root / "test" / "0001" / "0001_gallery_02_0303morning_0002_0.jpg"
+    missing.unlink()
+    with pytest.raises(DatasetError) as err:
+        build_dataset("msmt17", root)
+    assert f"{root / 'list_gallery.txt'}:4" in str(err.value) and str(missing) in str(err.value)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_query_identity_absent_from_gallery_is_skipped_and_counted() -> None:
+    """Query pid 7 has no match in the gallery: it is left out of the averages, and counted."""
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # Query 0 (pid 1): gallery 0 is pid 2, gallery 2 is pid 1 -> first correct match at rank 2, AP 1/2.
+    metrics = evaluate(query, gallery, q_pids=[1, 7], g_pids=[2, 3, 1], q_camids=[0, 0], g_camids=[1, 1, 1])
+    assert metrics["num_queries"] == 2 and metrics["num_valid_queries"] == 1
+    assert metrics["mAP"] == pytest.approx(0.5)  # 0.25 if the unmatched query counted as AP 0
+    assert metrics["cmc"][:3] == pytest.approx([0.0, 1.0, 1.0])
+
+
+def test_no_query_with_a_match_is_an_error() -> None:
+    features = torch.eye(2)
+    with pytest.raises(DatasetError, match="none of the 2 queries has a correct match"):
+        evaluate(features, features, q_pids=[1, 2], g_pids=[3, 4], q_camids=[0, 0], g_camids=[1, 1])
+
+
+def _features(n: int = 3) -> dict[str, np.ndarray]:
+    return dict(features=np.eye(n, 4, dtype=np.float32), pids=np.arange(n), camids=np.zeros(n, dtype=np.int64),
+                paths=np.array([f"img{i}.jpg" for i in range(n)]))
+
+
+@pytest.mark.parametrize("dropped", ["features", "camids", "paths"])
+def test_feature_file_missing_a_key_names_file_and_key(tmp_path: Path, dropped: str) -> None:
+    arrays = _features()
+    del arrays[dropped]
+    path = tmp_path / "query.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DatasetError) as err:
+        FeatureSet.load(path)
+    assert str(path) in str(err.value) and dropped in str(err.value)
+
+
+def test_feature_file_with_pickled_objects_is_refused(tmp_path: Path) -> None:
+    arrays = _features()
+    arrays["paths"] = np.array([{"not": "a path"}] * 3, dtype=object)
+    path = tmp_path / "query.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DatasetError, match="cannot be read") as err:
+        FeatureSet.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_feature_file_round_trip_is_intact(tmp_path: Path) -> None:
+    """The control for the two cases above: a complete file loads unchanged."""
+    arrays = _features()
+    FeatureSet(**arrays).save(tmp_path / "ok.npz")
+    loaded = FeatureSet.load(tmp_path / "ok.npz")
+    assert np.array_equal(loaded.features, arrays["features"]) and list(loaded.paths) == list(arrays["paths"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_of_another_architecture_names_both(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_backbone().state_dict(), path)
+    small = create_model("pass_vit_small", img_size=SIZE, depth=1)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(small, path)
+    text = str(err.value)
+    assert str(path) in text
+    assert "checkpoint backbone: embed_dim 192, depth 1; model: embed_dim 384, depth 1" in text
+    assert "patch_embed.proj.weight: checkpoint [192, 3, 16, 16] vs model [384, 3, 16, 16]" in text
+
+
+def test_checkpoint_of_another_depth_lists_the_missing_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_backbone().state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tiny_backbone(depth=2), path)
+    assert "missing keys (12)" in str(err.value) and "blocks.1.attn.qkv.weight" in str(err.value)
+
+
+def test_checkpoint_of_another_image_size_is_resized_and_reported(tmp_path: Path) -> None:
+    """A 128x64 checkpoint (8x4 grid) into a 64x32 model (4x2): bilinear resize, align_corners=False."""
+    source = tiny_backbone(img_size=(128, 64))
+    path = tmp_path / "t128.pth"
+    torch.save(source.state_dict(), path)
+    target = tiny_backbone(img_size=SIZE)
+    report = load_checkpoint(target, path)
+    assert report.resized == [("pos_embed", (1, 32, 192), (1, 8, 192))]
+    assert "resized pos_embed [1, 32, 192] -> [1, 8, 192]" in report.summary()
+    grid = source.pos_embed.detach().reshape(1, 8, 4, 192).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(4, 2), mode="bilinear", align_corners=False)
+    assert torch.allclose(target.pos_embed.detach(), expected.permute(0, 2, 3, 1).reshape(1, 8, 192), atol=1e-6)
+    assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, "no ViT backbone found"),
+        ({"epoch": 3, "notes": ["a", "b"]}, "found no state dict of tensors"),
+        ([torch.zeros(2)], "expected a dict of tensors, found list"),
+    ],
+    ids=["resnet-state-dict", "dict-without-tensors", "list"],
+)
+def test_checkpoint_of_another_format_is_refused(tmp_path: Path, content: object, fragment: str) -> None:
+    path = tmp_path / "other.pth"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match=fragment) as err:
+        load_checkpoint(tiny_backbone(), path)
+    assert str(path) in str(err.value)
+
+
+def test_non_torch_file_given_as_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "config.pth"
+    path.write_text('{"model": "pass_vit_small"}\n')
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as err:
+        load_checkpoint(tiny_backbone(), path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.02])
+def test_truncated_checkpoint_file(tmp_path: Path, keep: float) -> None:
+    path = tmp_path / "cut.pth"
+    torch.save(tiny_backbone().state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="truncated, corrupt or not a PyTorch checkpoint") as err:
+        load_checkpoint(tiny_backbone(), path)
+    assert str(path) in str(err.value)
+
+
+class _Payload:
+    """Unpickling this runs ``exec``: the kind of file weights-only loading exists to refuse."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": tiny_backbone().state_dict(), "hook": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tiny_backbone(), path)
+    assert "refused the global 'exec'" in str(err.value) and str(path) in str(err.value)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- faults while saving and training
+
+
+def _save(path: Path, model: torch.nn.Module, epoch: int) -> None:
+    save_training_checkpoint(path, model=model, optimizer=None, scheduler=None, scaler=None, epoch=epoch,
+                             config={"run": {"epochs": 3}}, fingerprint={"num_images": 1, "list_sha1": "0" * 40})
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torch.nn.Linear(3, 2)
+    last = tmp_path / "last.pth"
+    _save(last, model, epoch=1)
+    saved_weight = model.weight.detach().clone()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(CheckpointError) as err:
+        _save(last, model, epoch=2)
+    assert str(last) in str(err.value) and "No space left on device" in str(err.value)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no temporary file left behind
+    ckpt = load_training_checkpoint(last)
+    assert ckpt["epoch"] == 1 and torch.equal(ckpt["model"]["weight"], saved_weight)
+
+
+def test_out_of_memory_suggests_a_smaller_batch() -> None:
+    with pytest.raises(TrainingError) as err:
+        with explain_oom(64):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    text = str(err.value)
+    assert "batch size 64" in text and "try a batch size of 32" in text and "Tried to allocate 2.00 GiB" in text
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path, value: float) -> None:
+    last = tmp_path / "last.pth"
+    _save(last, torch.nn.Linear(2, 2), epoch=4)
+    with pytest.raises(TrainingError) as err:
+        loss_is_finite(torch.tensor(value), step=13, epoch=5, last_checkpoint=last, skip=False)
+    text = str(err.value)
+    assert "epoch 5, step 13" in text and str(last) in text and "run.skip_nonfinite=true" in text
+
+
+def test_non_finite_loss_is_skipped_when_configured(caplog: pytest.LogCaptureFixture) -> None:
+    assert loss_is_finite(torch.tensor(0.5), step=1, epoch=1, last_checkpoint=None, skip=True)
+    assert not loss_is_finite(torch.tensor(float("nan")), step=2, epoch=1, last_checkpoint=None, skip=True)
+    assert "step 2" in caplog.text and "skipped" in caplog.text
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_config_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(ClusterConfig, recipe)
+    assert str(recipe) in str(err.value) and "optim.learning_rate" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("optim.batch_size=many", "optim.batch_size"),
+        ("run.skip_nonfinite=maybe", "run.skip_nonfinite"),
+        ("data.img_size=big", "data.img_size"),
+    ],
+)
+def test_config_wrong_type_names_the_key(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ClusterConfig, None, [override])
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("optim.batch_size=30", "'optim.batch_size': 30 must be a multiple of optim.num_instances (8)"),
+        ("data.img_size=[250,128]", "'data.img_size': [250, 128] must be [height, width], both positive multiples"),
+        ("data.img_size=[256]", "'data.img_size': [256] must be [height, width]"),
+        ("run.epochs=0", "'run.epochs': 0 must be > 0"),
+        ("model.drop_path_rate=1.5", "'model.drop_path_rate': 1.5 must be in [0, 1)"),
+    ],
+)
+def test_config_impossible_value_names_key_and_value(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ClusterConfig, None, [override])
+    assert fragment in str(err.value)
+
+
+def test_unknown_model_name_lists_the_registered_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        create_model("pass_vit_huge", img_size=SIZE)
+    assert "'pass_vit_huge'" in str(err.value) and "pass_vit_small, pass_vit_tiny" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The stderr lines after the progress bars (which tqdm also writes there); no traceback allowed."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.strip() and not line.startswith("extract:")]
+
+
+def test_cli_eval_with_missing_checkpoint_prints_one_line_and_exits_2(
+    market: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "runs" / "best.pth"
+    code = cli_main(["eval", "--checkpoint", str(missing), "--dataset", "market1501", "--root", str(market),
+                     "--device", "cpu"])
+    assert code == 2
+    assert _error_lines(capsys) == [f"passreid eval: error: checkpoint not found: {missing}"]
+
+
+def test_cli_eval_with_missing_feature_file_prints_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    FeatureSet(**_features()).save(tmp_path / "gallery.npz")
+    code = cli_main(["eval", "--query-features", str(tmp_path / "query.npz"),
+                     "--gallery-features", str(tmp_path / "gallery.npz"), "--device", "cpu"])
+    assert code == 2
+    assert _error_lines(capsys) == [f"passreid eval: error: feature file not found: {tmp_path / 'query.npz'}"]
+
+
+def test_cli_eval_with_a_corrupt_image_prints_one_line_naming_it(
+    market: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad gallery image read in a loader worker: one line naming the file, exit 2, no worker traceback."""
+    model = ReIDModel(tiny_backbone(), num_classes=4)
+    ckpt = tmp_path / "model.pth"
+    torch.save(model.state_dict(), ckpt)
+    bad = Path(build_dataset("market1501", market).gallery[0].path)
+    _zero_byte(bad)
+    code = cli_main(["eval", "--checkpoint", str(ckpt), "--dataset", "market1501", "--root", str(market),
+                     "--device", "cpu", "--num-workers", "1", "--batch-size", "4"])
+    assert code == 2
+    assert _error_lines(capsys) == [f"passreid eval: error: image file is empty (0 bytes): {bad}"]
+
+
+def test_safe_load_of_missing_checkpoint_names_it(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="checkpoint not found") as err:
+        safe_load(tmp_path / "nope.pth")
+    assert str(tmp_path / "nope.pth") in str(err.value)
+
+
+def test_image_records_with_missing_files_name_the_file(tmp_path: Path) -> None:
+    records = [ImageRecord(str(tmp_path / "gone.jpg"), 0, 0)]
+    with pytest.raises(DatasetError, match="image not found") as err:
+        ImageDataset(records)[0]
+    assert str(tmp_path / "gone.jpg") in str(err.value)
