@@ -1,0 +1,183 @@
+"""ONNX export of a ReID model's test path: normalised images (B, 3, H, W) -> unit features (B, F).
+
+Uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``,
+which needs ``onnxscript``: ``pip install 'passreid[onnx]'``); the TorchScript
+exporter is deprecated since torch 2.9. The batch axis is dynamic, the image size
+is fixed at the checkpoint's (the positional embedding is made for one grid).
+The export is checked with onnxruntime against the torch model before it counts
+as done.
+
+The ONNX metadata (``metadata_props``) records what a consumer needs to feed
+the graph: ``img_size``, ``mean``, ``std`` (RGB in [0, 1], then
+``(x - mean) / std``), ``feat_dim`` and the passreid version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from passreid import __version__
+from passreid.data.transforms import HALF
+from passreid.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+"""The lowest opset the torch.export-based exporter emits natively (no down-conversion)."""
+INPUT_NAME = "images"
+OUTPUT_NAME = "features"
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and how close onnxruntime came to torch.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        img_size: (H, W) of the input.
+        feat_dim: F of the output.
+        opset: ONNX opset.
+        max_abs_diff: largest |onnxruntime - torch| over the checked batches (None if not verified).
+    """
+
+    path: Path
+    img_size: tuple[int, int]
+    feat_dim: int
+    opset: int
+    max_abs_diff: float | None
+
+
+def _require(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"ONNX export needs {module}: pip install 'passreid[onnx]'") from None
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise the exporter's graph-optimisation loggers to WARNING (each pass logs at INFO)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_onnx(
+    model_or_checkpoint: nn.Module | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    tolerance: float = 1e-4,
+    mean: Sequence[float] = HALF,
+    std: Sequence[float] = HALF,
+) -> ExportReport:
+    """Export the test feature of a ReID model (or of any checkpoint passreid reads) to ONNX.
+
+    Args:
+        model_or_checkpoint: a ReID model (a ``.base`` PassViT, eval forward -> (B, F))
+            or a checkpoint path for :func:`passreid.checkpoint.build_model_from_checkpoint`.
+        out: the ``.onnx`` file to write.
+        opset: ONNX opset (>= 18 for this exporter).
+        verify: run onnxruntime on batches of 1 and 3 and compare with torch.
+        tolerance: the largest allowed |onnxruntime - torch| when verifying.
+        mean, std: the input normalisation, stored in the metadata.
+
+    Raises:
+        ConfigError: onnx / onnxscript / onnxruntime missing, or an opset below 18.
+        CheckpointError: the exported graph disagrees with torch by more than ``tolerance``.
+    """
+    onnx = _require("onnx")
+    _require("onnxscript")
+    if opset < DEFAULT_OPSET:
+        raise ConfigError(f"opset {opset} is too old for the torch.export-based exporter; use {DEFAULT_OPSET} or newer")
+    if isinstance(model_or_checkpoint, nn.Module):
+        model = model_or_checkpoint
+    else:
+        from passreid.checkpoint import build_model_from_checkpoint
+
+        model, report = build_model_from_checkpoint(model_or_checkpoint, device="cpu")
+        logger.info("loaded %s: %s", model_or_checkpoint, report.summary())
+    model = model.float().cpu().eval()
+    img_size: tuple[int, int] = tuple(model.base.img_size)  # type: ignore[assignment]
+    example = torch.randn(2, 3, *img_size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):
+        warnings.simplefilter("ignore")  # exporter chatter about decompositions is not actionable for users
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    feat_dim = int(model.feat_dim)
+    metadata = {
+        "img_size": json.dumps(list(img_size)),
+        "mean": json.dumps(list(mean)),
+        "std": json.dumps(list(std)),
+        "feat_dim": str(feat_dim),
+        "producer": f"passreid {__version__}",
+    }
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    tmp = out.with_name(f".{out.name}.tmp")
+    onnx.save_model(proto, tmp)
+    os.replace(tmp, out)
+    logger.info("wrote %s (opset %d, input %s (B, 3, %d, %d), output %s (B, %d))", out, opset, INPUT_NAME,
+                *img_size, OUTPUT_NAME, feat_dim)
+    max_diff = verify_onnx(out, model, tolerance=tolerance) if verify else None
+    return ExportReport(path=out, img_size=img_size, feat_dim=feat_dim, opset=opset, max_abs_diff=max_diff)
+
+
+@torch.no_grad()
+def verify_onnx(path: str | os.PathLike, model: nn.Module, *, batch_sizes: Sequence[int] = (1, 3),
+                tolerance: float = 1e-4, seed: int = 0) -> float:
+    """Largest |onnxruntime - torch| on random batches of each size (CPU, fp32).
+
+    Raises:
+        CheckpointError: above ``tolerance``, or the graph's output shape is wrong.
+    """
+    ort = _require("onnxruntime")
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    model = model.float().cpu().eval()
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for b in batch_sizes:
+        images = torch.randn(b, 3, *model.base.img_size, generator=generator)
+        expected = model(images).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
+        if got.shape != expected.shape:
+            raise CheckpointError(f"{path}: output shape {got.shape} for batch {b}, torch gives {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if worst > tolerance:
+        raise CheckpointError(f"{path}: onnxruntime differs from torch by {worst:.2e} (tolerance {tolerance:.0e})")
+    logger.info("onnxruntime matches torch on batches %s: max abs diff %.2e", list(batch_sizes), worst)
+    return worst

@@ -1,0 +1,429 @@
+"""A searchable gallery of ReID features: faiss inner-product index with a torch fallback.
+
+Features are L2-normalised, so the inner product is the cosine similarity and
+ranking by it equals ranking by the (squared) Euclidean distance of DESIGN §6.
+The gallery keeps, per row, the image path, identity and camera, so a search
+answers with files, and an index built once can grow: :meth:`Gallery.add`
+appends to the existing index (IVF reuses its trained coarse quantizer) instead
+of rebuilding it.
+
+Back ends:
+
+- ``faiss`` (CPU): ``IndexFlatIP`` (exact), or ``IndexIVFFlat`` for galleries
+  past about a million images (approximate, ``nprobe`` of ``nlist`` lists are scanned);
+- ``torch``: exact k-NN by chunked matrix products, used when faiss is not
+  installed and for features kept on a GPU (``device="cuda"``).
+
+A gallery is saved to one ``.npz`` that is also a valid feature file (DESIGN §8
+keys ``features``, ``pids``, ``camids``, ``paths``), so ``passreid eval
+--gallery-features`` reads it too.
+
+Example:
+    >>> gallery = Gallery()
+    >>> gallery.add(feats, paths=paths)              # feats (N, D)
+    >>> scores, indices, found = gallery.search(query_feats, k=5)
+    >>> gallery.save("gallery.npz"); Gallery.load("gallery.npz")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from passreid.errors import ConfigError, DatasetError
+
+logger = logging.getLogger(__name__)
+
+IndexType = Literal["flat", "ivf"]
+Backend = Literal["auto", "faiss", "torch"]
+
+IVF_THRESHOLD = 1_000_000
+"""Galleries larger than this are better served by an IVF index (``index="ivf"``)."""
+
+_SCORE_BLOCK = 1 << 26
+"""Query x gallery scores computed at once by the torch back end (256 MB of float32)."""
+
+
+def _import_faiss() -> Any:
+    """``import faiss`` without its loader's INFO lines about CPU-specific builds it could not find."""
+    loader = logging.getLogger("faiss.loader")
+    level = loader.level
+    loader.setLevel(max(loader.getEffectiveLevel(), logging.WARNING))
+    try:
+        import faiss
+    finally:
+        loader.setLevel(level)
+    return faiss
+
+
+def faiss_available() -> bool:
+    try:
+        _import_faiss()
+    except ImportError:
+        return False
+    return True
+
+
+def default_nlist(num_vectors: int) -> int:
+    """IVF list count: about 4 sqrt(N), with at least 39 training vectors per list (faiss's minimum)."""
+    return max(1, min(int(4 * np.sqrt(num_vectors)), num_vectors // 39))
+
+
+class SearchResult(NamedTuple):
+    """Top-k answers of ``Q`` queries.
+
+    Attributes:
+        scores: (Q, k) cosine similarities, best first.
+        indices: (Q, k) gallery rows; -1 (score -inf) where an IVF probe found fewer than k.
+        paths: per query, the image paths of the valid rows.
+    """
+
+    scores: torch.Tensor
+    indices: torch.Tensor
+    paths: list[list[str]]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float32 C-contiguous (what faiss wants)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def _as_matrix(features: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+    """A (N, D) or (D,) tensor/array -> (N, D) float32 numpy, unit rows."""
+    if isinstance(features, torch.Tensor):
+        features = features.detach().float().cpu().numpy()
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim == 1:
+        features = features[None]
+    if features.ndim != 2:
+        raise DatasetError(f"{what} must be (N, D) or (D,), got shape {tuple(features.shape)}")
+    if not np.isfinite(features).all():
+        raise DatasetError(f"{what} contain NaN or inf values")
+    return _normalise(features)
+
+
+class _TorchKNN:
+    """Exact inner-product k-NN on a device; gallery (N, D) held as one tensor."""
+
+    name = "torch"
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.device = device
+        self.data = torch.empty(0, dim, device=device)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.data.shape[0])
+
+    def add(self, x: np.ndarray) -> None:
+        self.data = torch.cat((self.data, torch.from_numpy(x).to(self.device)))
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) -> scores (Q, k), indices (Q, k); queries in chunks so a score block stays small."""
+        rows = max(1, _SCORE_BLOCK // max(1, self.ntotal))
+        scores, indices = [], []
+        queries = torch.from_numpy(q).to(self.device)
+        for chunk in queries.split(rows):
+            top = (chunk @ self.data.T).topk(k, dim=1)
+            scores.append(top.values.cpu())
+            indices.append(top.indices.cpu())
+        return torch.cat(scores).numpy(), torch.cat(indices).numpy().astype(np.int64)
+
+    def vectors(self) -> np.ndarray:
+        return self.data.cpu().numpy()
+
+
+class _FaissIndex:
+    """A faiss ``IndexFlatIP`` or ``IndexIVFFlat`` (trained on the first vectors added)."""
+
+    name = "faiss"
+
+    def __init__(self, dim: int, index: IndexType, nlist: int | None, nprobe: int, raw: Any = None) -> None:
+        faiss = _import_faiss()
+
+        self.kind = index
+        self.nlist = nlist
+        self.nprobe = nprobe
+        if raw is not None:
+            self.index = raw
+        elif index == "flat":
+            self.index = faiss.IndexFlatIP(dim)
+        else:
+            self.index = None  # built at the first add, when nlist can be chosen from the data
+
+    @property
+    def ntotal(self) -> int:
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    def add(self, x: np.ndarray) -> None:
+        if self.index is None:
+            self._train_ivf(x)
+        self.index.add(x)
+
+    def _train_ivf(self, x: np.ndarray) -> None:
+        faiss = _import_faiss()
+
+        nlist = self.nlist or default_nlist(len(x))
+        if len(x) < nlist:
+            raise ConfigError(
+                f"an IVF index with nlist={nlist} must be trained on at least {nlist} vectors, "
+                f"but the first batch added has {len(x)}; add more at once or use index='flat'"
+            )
+        quantizer = faiss.IndexFlatIP(x.shape[1])
+        index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+        logger.info("training an IVF index: %d lists on %d vectors", nlist, len(x))
+        index.train(x)
+        index.nprobe = self.nprobe
+        self.nlist = nlist
+        self.index = index
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, indices = self.index.search(q, k)
+        return scores, indices.astype(np.int64)
+
+    def vectors(self) -> np.ndarray:
+        if self.ntotal == 0:
+            return np.zeros((0, 0), np.float32)
+        if self.kind == "ivf":
+            self.index.make_direct_map()
+        return self.index.reconstruct_n(0, self.ntotal)
+
+    def serialize(self) -> np.ndarray | None:
+        """The IVF index as bytes (its trained lists must survive a save); a flat index is rebuilt instead."""
+        faiss = _import_faiss()
+
+        if self.kind != "ivf" or self.index is None:
+            return None
+        return faiss.serialize_index(self.index)
+
+
+class Gallery:
+    """Normalised features (N, D) with their paths, identities and cameras, searchable by cosine similarity.
+
+    Args:
+        index: ``"flat"`` (exact) or ``"ivf"`` (approximate, for more than about
+            1M images; needs faiss, trained on the first batch added).
+        nlist: IVF lists (default :func:`default_nlist` of the first batch).
+        nprobe: IVF lists scanned per query (more: slower and more exact).
+        backend: ``"auto"`` (faiss if installed and ``device`` is the CPU, else
+            torch), ``"faiss"`` or ``"torch"``.
+        device: where the torch back end keeps the features (``"cuda"`` for GPU k-NN).
+    """
+
+    def __init__(
+        self,
+        *,
+        index: IndexType = "flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
+        backend: Backend = "auto",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if index not in ("flat", "ivf"):
+            raise ConfigError(f"index must be 'flat' or 'ivf', got {index!r}")
+        if backend not in ("auto", "faiss", "torch"):
+            raise ConfigError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+        self.device = torch.device(device)
+        if backend == "auto":
+            backend = "faiss" if self.device.type == "cpu" and faiss_available() else "torch"
+        if backend == "faiss" and not faiss_available():
+            raise ConfigError("backend 'faiss' needs faiss: pip install 'passreid[faiss]'")
+        if backend == "torch" and index == "ivf":
+            logger.warning("the IVF index needs faiss; the torch back end searches exactly instead")
+        self.index_type: IndexType = index
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.backend_name = backend
+        self._backend: _TorchKNN | _FaissIndex | None = None
+        self._paths: list[str] = []
+        self._path_set: set[str] = set()
+        self._pids: list[np.ndarray] = []
+        self._camids: list[np.ndarray] = []
+        self.meta: dict[str, Any] = {}
+        """JSON-safe notes saved with the gallery (e.g. the checkpoint and flip that made the features)."""
+
+    # ------------------------------------------------------------------ contents
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    @property
+    def dim(self) -> int | None:
+        """Feature width, ``None`` while empty."""
+        return None if self._backend is None else self._dim
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._paths)
+
+    @property
+    def pids(self) -> np.ndarray:
+        """(N,) int64 identities (-1 where unknown)."""
+        return np.concatenate(self._pids) if self._pids else np.zeros(0, np.int64)
+
+    @property
+    def camids(self) -> np.ndarray:
+        """(N,) int64 0-based cameras (-1 where unknown)."""
+        return np.concatenate(self._camids) if self._camids else np.zeros(0, np.int64)
+
+    @property
+    def features(self) -> np.ndarray:
+        """(N, D) float32 unit rows, in the order they were added."""
+        return np.zeros((0, 0), np.float32) if self._backend is None else self._backend.vectors()
+
+    def contains(self, path: str | os.PathLike) -> bool:
+        return os.fspath(path) in self._path_set
+
+    def missing(self, paths: Sequence[str | os.PathLike]) -> list[str]:
+        """The ``paths`` not indexed yet, in order: what an update has to extract."""
+        return [os.fspath(p) for p in paths if os.fspath(p) not in self._path_set]
+
+    # ------------------------------------------------------------------ building
+
+    def _make_backend(self, dim: int, raw: Any = None) -> _TorchKNN | _FaissIndex:
+        self._dim = dim
+        if self.backend_name == "faiss":
+            return _FaissIndex(dim, self.index_type, self.nlist, self.nprobe, raw=raw)
+        return _TorchKNN(dim, self.device)
+
+    def add(
+        self,
+        features: torch.Tensor | np.ndarray,
+        paths: Sequence[str | os.PathLike] | None = None,
+        pids: Sequence[int] | np.ndarray | None = None,
+        camids: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        """Append features (N, D) (normalised here) and their metadata to the index.
+
+        Rows added earlier keep their positions; nothing is rebuilt. ``paths``
+        default to ``"#<row>"``, ``pids`` and ``camids`` to -1.
+        """
+        x = _as_matrix(features, "gallery features")
+        n = len(x)
+        start = len(self)
+        names = [f"#{start + i}" for i in range(n)] if paths is None else [os.fspath(p) for p in paths]
+        pid_arr = np.full(n, -1, np.int64) if pids is None else np.asarray(pids, dtype=np.int64).reshape(-1)
+        cam_arr = np.full(n, -1, np.int64) if camids is None else np.asarray(camids, dtype=np.int64).reshape(-1)
+        for what, size in (("paths", len(names)), ("pids", len(pid_arr)), ("camids", len(cam_arr))):
+            if size != n:
+                raise DatasetError(f"gallery add: {n} features but {size} {what}")
+        self._append(x, names, pid_arr, cam_arr)
+
+    def _append(self, x: np.ndarray, names: list[str], pids: np.ndarray, camids: np.ndarray) -> None:
+        """Add unit rows (N, D) as they are (a reload must not renormalise: scores would move in the last bit)."""
+        n, start = len(x), len(self)
+        if n == 0:
+            return
+        if self._backend is None:
+            self._backend = self._make_backend(x.shape[1])
+        elif x.shape[1] != self._dim:
+            raise DatasetError(
+                f"gallery add: features have {x.shape[1]} dims, the gallery {self._dim}: "
+                "were they made by the same model?"
+            )
+        self._backend.add(x)
+        self._paths.extend(names)
+        self._path_set.update(names)
+        self._pids.append(pids)
+        self._camids.append(camids)
+        if self.index_type == "flat" and start < IVF_THRESHOLD <= len(self):
+            logger.info("the gallery now holds %d images; index='ivf' searches such sizes faster", len(self))
+
+    # ------------------------------------------------------------------ searching
+
+    def search(self, query: torch.Tensor | np.ndarray, k: int = 10) -> SearchResult:
+        """Top-``k`` gallery rows by cosine similarity for each query feature (Q, D) or (D,)."""
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        q = _as_matrix(query, "query features")
+        if self._backend is None:
+            raise DatasetError("the gallery is empty: add features before searching")
+        if q.shape[1] != self._dim:
+            raise DatasetError(
+                f"query features have {q.shape[1]} dims, the gallery {self._dim}: were they made by the same model?"
+            )
+        k = min(k, len(self))
+        scores, indices = self._backend.search(q, k)
+        valid = indices >= 0
+        scores = np.where(valid, scores, -np.inf).astype(np.float32)
+        found = [[self._paths[j] for j in row[row >= 0]] for row in indices]
+        return SearchResult(torch.from_numpy(scores), torch.from_numpy(indices), found)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one ``.npz``: the feature-file keys plus the index settings (and a trained IVF index)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, Any] = dict(
+            features=self.features,
+            pids=self.pids,
+            camids=self.camids,
+            paths=np.array(self._paths, dtype=str),
+            index_type=np.array(self.index_type),
+            nlist=np.array(-1 if self.nlist is None else self.nlist, np.int64),
+            nprobe=np.array(self.nprobe, np.int64),
+            meta=np.array(json.dumps(self.meta)),
+        )
+        if isinstance(self._backend, _FaissIndex):
+            raw = self._backend.serialize()
+            if raw is not None:
+                arrays["faiss_index"] = raw
+                arrays["nlist"] = np.array(self._backend.nlist, np.int64)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        backend: Backend = "auto",
+        device: str | torch.device = "cpu",
+        nprobe: int | None = None,
+    ) -> Gallery:
+        """Read a gallery (or any feature ``.npz``); a trained IVF index is restored, not retrained."""
+        from passreid.features import FeatureSet
+
+        fs = FeatureSet.load(path)  # checks the feature keys and shapes, with clear errors
+        with np.load(path, allow_pickle=False) as data:
+            settings = {k: data[k] for k in ("index_type", "nlist", "nprobe", "faiss_index", "meta")
+                        if k in data.files}
+        index = str(settings["index_type"]) if "index_type" in settings else "flat"
+        nlist = int(settings["nlist"]) if "nlist" in settings else -1
+        gallery = cls(
+            index=index,  # type: ignore[arg-type]
+            nlist=None if nlist < 0 else nlist,
+            nprobe=nprobe if nprobe is not None else int(settings.get("nprobe", 16)),
+            backend=backend,
+            device=device,
+        )
+        gallery.meta = json.loads(str(settings["meta"])) if "meta" in settings else {}
+        if len(fs) == 0:
+            return gallery
+        if "faiss_index" in settings and gallery.backend_name == "faiss":
+            faiss = _import_faiss()
+
+            raw = faiss.deserialize_index(settings["faiss_index"])
+            raw.nprobe = gallery.nprobe
+            gallery._backend = gallery._make_backend(fs.features.shape[1], raw=raw)
+            gallery._paths = [str(p) for p in fs.paths]
+            gallery._path_set = set(gallery._paths)
+            gallery._pids = [fs.pids]
+            gallery._camids = [fs.camids]
+        else:
+            gallery._append(np.ascontiguousarray(fs.features), [str(p) for p in fs.paths], fs.pids, fs.camids)
+        logger.info("loaded a gallery of %d images (%s, %s) from %s", len(gallery), gallery.index_type,
+                    gallery.backend_name, path)
+        return gallery

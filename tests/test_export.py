@@ -1,0 +1,92 @@
+"""ONNX export: onnxruntime equals torch (max abs diff < 1e-4) for batches 1 and 3; metadata; the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from passreid.cli import main  # noqa: E402
+from passreid.errors import CheckpointError, ConfigError  # noqa: E402
+from passreid.export import export_onnx, verify_onnx  # noqa: E402
+from passreid.models import ReIDModel, create_model  # noqa: E402
+
+SIZE = (64, 32)
+
+
+def tiny_reid(**kwargs) -> ReIDModel:
+    torch.manual_seed(0)
+    model = ReIDModel(create_model("pass_vit_tiny", img_size=SIZE, depth=2), num_classes=3, **kwargs)
+    with torch.no_grad():  # trained-looking neck statistics, so the after-neck path is not an identity
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ReIDModel]:
+    model = tiny_reid(fusion="mean", neck="single", test_feature="after", neck_names="cluster")
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    report = export_onnx(model, out)
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    assert report.img_size == SIZE and report.feat_dim == 192 and report.opset == 18
+    return out, model
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnxruntime_equals_torch(exported: tuple[Path, ReIDModel], batch: int) -> None:
+    path, model = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.randn(batch, 3, *SIZE, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        expected = model(images).numpy()
+    got = session.run(["features"], {"images": images.numpy()})[0]
+    assert got.shape == (batch, 192)
+    assert np.abs(got - expected).max() < 1e-4
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_graph_has_a_dynamic_batch_and_metadata(exported: tuple[Path, ReIDModel]) -> None:
+    proto = onnx.load(str(exported[0]))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].dim_value  # symbolic batch
+    assert [d.dim_value for d in dims[1:]] == [3, *SIZE]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["img_size"]) == list(SIZE) and meta["feat_dim"] == "192"
+    assert json.loads(meta["mean"]) == [0.5, 0.5, 0.5]
+
+
+def test_verify_catches_a_different_model(exported: tuple[Path, ReIDModel]) -> None:
+    other = tiny_reid(fusion="mean", neck="single", test_feature="after", neck_names="cluster")
+    with torch.no_grad():
+        other.base.norm.weight.mul_(-1)  # a different model: its features disagree with the graph
+    with pytest.raises(CheckpointError, match="differs from torch"):
+        verify_onnx(exported[0], other)
+
+
+def test_export_command_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "finetuned.pth"
+    model = tiny_reid()
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "m.onnx"
+    assert main(["export-onnx", str(ckpt), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(batch, 3, 64, 32)" in printed and "(batch, 384)" in printed and "max abs diff" in printed
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = torch.rand(2, 3, *SIZE) * 2 - 1
+    with torch.no_grad():
+        expected = model(images).numpy()
+    assert np.abs(session.run(None, {"images": images.numpy()})[0] - expected).max() < 1e-4
+    with pytest.raises(ConfigError, match="opset 13"):
+        export_onnx(model, tmp_path / "old.onnx", opset=13)
+    assert main(["export-onnx", str(tmp_path / "missing.pth"), str(out)]) == 2
