@@ -1,0 +1,252 @@
+"""Benchmark passreid.evaluation.evaluate against the published evaluation recipe.
+
+Sizes default to MSMT17's test split (11,659 queries, 82,161 gallery images, 3,060
+identities, 15 cameras) with random 768-d L2-normalised features.
+
+* passreid: ``evaluate(qf, gf, ...)`` on all queries, distance computation included.
+* baseline: what the published evaluation code does - a dense numpy float32 distance
+  matrix, a full ``argsort`` of every row, the ``int32`` match matrix, then a per-query
+  Python loop (junk removal, CMC, AP, INP). It needs ~20 bytes per query x gallery pair
+  (float32 distance, int64 argsort, int64 gathered ids, int32 matches), about 19 GB at
+  MSMT17 size, so it runs on the first ``--baseline-queries`` queries; its time and memory
+  are scaled linearly to all queries (every stage is linear in the number of queries).
+  The published loop builds each query's precision curve with a Python list
+  comprehension over the gallery; ``baseline_s`` times that form and
+  ``baseline_vectorised_ap_s`` the same loop with numpy's vectorised precision curve (a
+  stronger baseline), so both ratios are reported.
+
+Each measurement runs in a fresh process. Peak memory is the growth of that process's
+resident set (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, minus
+``VmRSS`` before the call) once the features are loaded, so it counts numpy, torch and
+BLAS buffers alike; for the baseline ``tracemalloc``'s peak (numpy allocations only) is
+reported as well.
+
+Prints one JSON line. Example::
+
+    python benchmarks/bench_eval.py --check
+    python benchmarks/bench_eval.py --quick --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def make_data(queries: int, gallery: int, dim: int, ids: int, cams: int, seed: int) -> dict[str, np.ndarray]:
+    """Random L2-normalised features with MSMT17-like identity and camera labels.
+
+    Query features are noisy copies of their identity's centre so the metrics are not
+    trivial; labels are uniform over ``ids`` identities and ``cams`` cameras.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((ids, dim), dtype=np.float32)
+
+    def features(pids: np.ndarray) -> np.ndarray:
+        f = centres[pids] + 2.5 * rng.standard_normal((pids.size, dim), dtype=np.float32)
+        f /= np.linalg.norm(f, axis=1, keepdims=True)
+        return f
+
+    q_pids = rng.integers(0, ids, queries)
+    g_pids = rng.integers(0, ids, gallery)
+    return {
+        "qf": features(q_pids),
+        "gf": features(g_pids),
+        "q_pids": q_pids,
+        "g_pids": g_pids,
+        "q_camids": rng.integers(0, cams, queries),
+        "g_camids": rng.integers(0, cams, gallery),
+    }
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def baseline_metrics(
+    qf: np.ndarray,
+    gf: np.ndarray,
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    max_rank: int = 50,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The published evaluation recipe; returns (metrics, seconds per stage)."""
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    distmat = (qf**2).sum(1, keepdims=True) + (gf**2).sum(1)[None, :] - 2.0 * (qf @ gf.T)
+    times["distance"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    indices = np.argsort(distmat, axis=1)
+    times["argsort"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    matches = (g_pids[indices] == q_pids[:, None]).astype(np.int32)
+    times["matches"] = time.perf_counter() - t0
+    max_rank = min(max_rank, gf.shape[0])
+
+    def loop(published_ap: bool) -> dict[str, Any]:
+        cmcs, aps, inps = [], [], []
+        for i in range(qf.shape[0]):
+            order = indices[i]
+            keep = ~((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i]))
+            hits = matches[i][keep]
+            if not hits.any():
+                continue
+            cum = hits.cumsum()
+            last = np.flatnonzero(hits).max()
+            inps.append(cum[last] / (last + 1.0))
+            cmc = cum.copy()
+            cmc[cmc > 1] = 1
+            cmcs.append(cmc[:max_rank])
+            if published_ap:
+                curve = np.asarray([x / (r + 1.0) for r, x in enumerate(cum)]) * hits
+            else:
+                curve = cum / np.arange(1.0, cum.size + 1.0) * hits
+            aps.append(curve.sum() / hits.sum())
+        return {
+            "mAP": float(np.mean(aps)),
+            "mINP": float(np.mean(inps)),
+            "cmc": (np.asarray(cmcs, dtype=np.float64).sum(0) / len(cmcs)).tolist(),
+            "num_queries": int(qf.shape[0]),
+            "num_valid_queries": len(cmcs),
+        }
+
+    t0 = time.perf_counter()
+    metrics = loop(published_ap=False)
+    times["loop_vectorised_ap"] = time.perf_counter() - t0
+    return metrics, times
+
+
+def _child(kind: str, args: dict[str, Any], queries: int) -> dict[str, Any]:
+    """Runs in a fresh process: build the data, time one evaluation, measure memory."""
+    torch.set_num_threads(args["threads"])
+    data = make_data(args["queries"], args["gallery"], args["dim"], args["ids"], args["cams"], args["seed"])
+    data = {k: v[:queries] if k.startswith("q") else v for k, v in data.items()}
+    _reset_peak()
+    rss_before = _rss_kib("VmRSS")
+    out: dict[str, Any] = {}
+    if kind == "baseline":
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        metrics, stages = baseline_metrics(**data)
+        out["seconds"] = time.perf_counter() - t0
+        out["tracemalloc_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        out["stages"] = stages
+    else:
+        from passreid.evaluation import evaluate
+
+        t0 = time.perf_counter()
+        metrics = evaluate(**data, device=args["device"])
+        if args["device"].startswith("cuda"):
+            torch.cuda.synchronize()
+        out["seconds"] = time.perf_counter() - t0
+        if args["device"].startswith("cuda"):
+            out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out["rss_peak_delta_mb"] = (_rss_kib("VmHWM") - rss_before) / 1024
+    out["rss_peak_mb"] = _rss_kib("VmHWM") / 1024
+    out["metrics"] = metrics
+    return out
+
+
+def _in_fresh_process(kind: str, args: dict[str, Any], queries: int) -> dict[str, Any]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_child, kind, args, queries).result()
+
+
+def _metric_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    diffs = [abs(a["mAP"] - b["mAP"]), abs(a["mINP"] - b["mINP"])]
+    diffs += [abs(x - y) for x, y in zip(a["cmc"], b["cmc"], strict=True)]
+    if a["num_valid_queries"] != b["num_valid_queries"]:
+        return float("inf")
+    return max(diffs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="device for passreid (cpu, cuda)")
+    parser.add_argument("--queries", type=int, default=11659)
+    parser.add_argument("--gallery", type=int, default=82161)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--ids", type=int, default=3060)
+    parser.add_argument("--cams", type=int, default=15)
+    parser.add_argument("--baseline-queries", type=int, default=1000, help="query subset the baseline runs on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--check", action="store_true", help="verify both give the same metrics on the subset")
+    ns = parser.parse_args()
+    if ns.quick:
+        ns.queries, ns.gallery, ns.ids, ns.baseline_queries = 300, 3000, 200, 100
+    ns.baseline_queries = min(ns.baseline_queries, ns.queries)
+    args = vars(ns)
+
+    base = _in_fresh_process("baseline", args, ns.baseline_queries)
+    ours = _in_fresh_process("passreid", args, ns.queries)
+    scale = ns.queries / ns.baseline_queries
+    stages = base["stages"]
+    common = stages["distance"] + stages["argsort"] + stages["matches"]
+    baseline_s = (common + stages["loop_published_ap"]) * scale
+    baseline_vec_s = (common + stages["loop_vectorised_ap"]) * scale
+    result: dict[str, Any] = {
+        "queries": ns.queries,
+        "gallery": ns.gallery,
+        "dim": ns.dim,
+        "passreid_s": round(ours["seconds"], 2),
+        "baseline_s": round(baseline_s, 2),
+        "baseline_vectorised_ap_s": round(baseline_vec_s, 2),
+        "speedup": round(baseline_s / ours["seconds"], 2),
+        "speedup_vs_vectorised_ap": round(baseline_vec_s / ours["seconds"], 2),
+        "passreid_peak_rss_delta_mb": round(ours["rss_peak_delta_mb"], 1),
+        "passreid_peak_rss_mb": round(ours["rss_peak_mb"], 1),
+        "baseline_subset_queries": ns.baseline_queries,
+        "baseline_subset_s": round(base["seconds"], 2),
+        "baseline_subset_stages_s": {k: round(v, 2) for k, v in stages.items()},
+        "baseline_subset_peak_rss_delta_mb": round(base["rss_peak_delta_mb"], 1),
+        "baseline_subset_tracemalloc_peak_mb": round(base["tracemalloc_peak_mb"], 1),
+        "baseline_peak_rss_delta_mb_scaled": round(base["rss_peak_delta_mb"] * scale, 1),
+        "passreid_mAP": round(ours["metrics"]["mAP"], 6),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": ns.threads,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "device": ns.device if not ns.device.startswith("cuda") else torch.cuda.get_device_name(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+    }
+    if "cuda_peak_mb" in ours:
+        result["passreid_cuda_peak_mb"] = round(ours["cuda_peak_mb"], 1)
+    if ns.check:
+        sub = _in_fresh_process("passreid", args, ns.baseline_queries)
+        diff = _metric_diff(sub["metrics"], base["metrics"])
+        result["check_max_abs_diff"] = diff
+        result["check_passed"] = diff < 1e-4
+    print(json.dumps(result))
+    return 0 if result.get("check_passed", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
