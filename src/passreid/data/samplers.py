@@ -1,0 +1,146 @@
+"""Identity-balanced sampling: batches of P identities x K images (DESIGN §4), DDP-aware.
+
+The triplet loss needs positives and negatives inside every batch, so a batch
+is ``P = batch_size / K`` distinct identities with ``K`` images each. The batch
+list of an epoch is a pure function of ``(seed, epoch)``: every rank computes
+the same global batches and takes its own slice of identities, and a resumed
+run replays exactly the batches it would have seen.
+
+Example:
+    >>> sampler = RandomIdentitySampler([r.pid for r in records], batch_size=64, num_instances=4)
+    >>> loader = DataLoader(dataset, batch_size=sampler.batch_size_per_rank, sampler=sampler)
+    >>> for epoch in range(1, epochs + 1):
+    ...     sampler.set_epoch(epoch)
+    ...     for images, pids, camids, index in loader: ...
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from passreid.errors import DatasetError
+
+
+class RandomIdentitySampler(Sampler[int]):
+    """Yields dataset indices in P x K blocks; use with ``DataLoader(batch_size=batch_size_per_rank)``.
+
+    Each epoch every identity's images are shuffled and cut into chunks of K;
+    the last chunk of an identity is topped up with other images of the same
+    identity (with repetition only when it has fewer than K). Batches draw P
+    distinct identities with probability proportional to their remaining
+    chunks, so large identities are spread over the epoch instead of piling up
+    at its end; when fewer than P identities have chunks left, the last batch is
+    completed with fresh chunks of other identities. Hence every image is seen
+    at least once per epoch.
+
+    Args:
+        pids: identity of each dataset index; ``-1`` (clustering outliers) is never sampled.
+        batch_size: images per optimisation step over all ranks, a multiple of
+            ``num_instances * world_size``.
+        num_instances: K, images per identity in a batch.
+        seed: with the epoch (:meth:`set_epoch`), fixes the batches.
+        rank, world_size: this process's share: rank r takes identities
+            ``r*P/W .. (r+1)*P/W - 1`` of every global batch, i.e. whole K-blocks.
+    """
+
+    def __init__(
+        self,
+        pids: Sequence[int],
+        batch_size: int,
+        num_instances: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if num_instances < 1 or batch_size < 1:
+            raise ValueError(f"batch_size ({batch_size}) and num_instances ({num_instances}) must be positive")
+        if batch_size % (num_instances * world_size):
+            raise ValueError(
+                f"batch_size {batch_size} must be a multiple of num_instances x world_size "
+                f"= {num_instances} x {world_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, pid in enumerate(pids):
+            if pid >= 0:
+                groups[int(pid)].append(index)
+        self.num_instances = num_instances
+        self.num_pids_per_batch = batch_size // num_instances
+        if len(groups) < self.num_pids_per_batch:
+            raise DatasetError(
+                f"{len(groups)} identities cannot fill batches of {self.num_pids_per_batch} identities "
+                f"(batch_size {batch_size} / num_instances {num_instances}); lower the batch size"
+            )
+        self.batch_size = batch_size
+        self.batch_size_per_rank = batch_size // world_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self._pids = sorted(groups)
+        self._indices = [np.asarray(groups[p], dtype=np.int64) for p in self._pids]
+        self.epoch = 0
+        self.start_batch = 0
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the batches of ``epoch``; skip its first ``start_batch`` batches (resuming mid-epoch)."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _chunks(self, rng: np.random.Generator, indices: np.ndarray) -> list[np.ndarray]:
+        """Shuffle one identity's images and cut them into K-chunks, topping up the last one."""
+        k = self.num_instances
+        order = rng.permutation(indices)
+        chunks = [order[i : i + k] for i in range(0, len(order), k)]
+        short = k - len(chunks[-1])
+        if short:
+            chunks[-1] = np.concatenate([chunks[-1], self._top_up(rng, indices, chunks[-1], short)])
+        return chunks
+
+    def _top_up(self, rng: np.random.Generator, indices: np.ndarray, have: np.ndarray, count: int) -> np.ndarray:
+        others = np.setdiff1d(indices, have)
+        if len(others) >= count:  # no image twice in one chunk when the identity has K or more
+            return rng.choice(others, size=count, replace=False)
+        return rng.choice(indices, size=count, replace=True)
+
+    def global_batches(self) -> list[np.ndarray]:
+        """All batches of the current epoch, each ``(P * K,)`` indices ordered identity by identity."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        queues = [self._chunks(rng, idx) for idx in self._indices]
+        remaining = np.array([len(q) for q in queues], dtype=np.float64)
+        p = self.num_pids_per_batch
+        batches: list[np.ndarray] = []
+        while remaining.sum() > 0:
+            available = np.flatnonzero(remaining)
+            if len(available) >= p:
+                chosen = rng.choice(available, size=p, replace=False, p=remaining[available] / remaining.sum())
+                blocks = [queues[i][len(queues[i]) - int(remaining[i])] for i in chosen]
+                remaining[chosen] -= 1
+            else:
+                blocks = [queues[i][len(queues[i]) - int(remaining[i])] for i in available]
+                remaining[available] -= 1
+                fillers = rng.choice(np.setdiff1d(np.arange(len(queues)), available), size=p - len(available),
+                                     replace=False)
+                blocks += [self._chunks(rng, self._indices[i])[0] for i in fillers]
+            batches.append(np.concatenate(blocks))
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[int]:
+        lo = self.rank * self.batch_size_per_rank
+        for batch in self.global_batches()[self.start_batch :]:
+            yield from batch[lo : lo + self.batch_size_per_rank].tolist()
+
+    def __len__(self) -> int:
+        """Indices this rank yields in the current epoch (after ``start_batch``)."""
+        return max(0, len(self.global_batches()) - self.start_batch) * self.batch_size_per_rank
