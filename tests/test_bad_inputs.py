@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -24,11 +25,12 @@ from passreid import create_model, load_checkpoint
 from passreid.checkpoint import safe_load
 from passreid.cli import main as cli_main
 from passreid.cluster import ClusterConfig
-from passreid.config import load_config
+from passreid.config import config_to_dict, load_config
 from passreid.data.datasets import ImageRecord, build_dataset
 from passreid.data.images import ImageDataset, read_image
 from passreid.data.synthetic import generate_synthetic
 from passreid.engine import (
+    check_resume_config,
     explain_oom,
     load_training_checkpoint,
     loss_is_finite,
@@ -37,6 +39,8 @@ from passreid.engine import (
 from passreid.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from passreid.evaluation import evaluate
 from passreid.features import FeatureSet
+from passreid.finetune import FinetuneConfig, train_one_epoch
+from passreid.losses.reid import ReIDLoss
 from passreid.models import ReIDModel
 
 TINY = dict(depth=1)
@@ -44,6 +48,15 @@ SIZE = (64, 32)
 
 
 # ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine extra threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -418,44 +431,105 @@ def test_non_finite_loss_is_skipped_when_configured(caplog: pytest.LogCaptureFix
     assert "step 2" in caplog.text and "skipped" in caplog.text
 
 
+class NonFiniteAt(ReIDLoss):
+    """The ReID loss, except that call number ``bad_call`` (1-based) returns NaN, as a diverging step would."""
+
+    def __init__(self, bad_call: int) -> None:
+        super().__init__()
+        self.bad_call = bad_call
+        self.calls = 0
+
+    def forward(self, logits, features, labels):
+        loss, parts = super().forward(logits, features, labels)
+        self.calls += 1
+        return (loss * float("nan") if self.calls == self.bad_call else loss), parts
+
+
+def _train_steps(criterion: ReIDLoss, batches: list[int], *, skip: bool, last: Path | None = None):
+    """``finetune.train_one_epoch`` of a fixed tiny model over the chosen batches of a fixed random set."""
+    torch.manual_seed(0)
+    images, pids = torch.randn(32, 3, *SIZE), torch.arange(4).repeat_interleave(2).repeat(4)
+    chosen = torch.cat([torch.arange(8 * b, 8 * b + 8) for b in batches])
+    data = torch.utils.data.TensorDataset(images[chosen], pids[chosen], torch.zeros(len(chosen)), chosen)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
+    torch.manual_seed(1)
+    model = ReIDModel(tiny_backbone(), num_classes=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats = train_one_epoch(model, loader, criterion, optimizer, scaler, epoch=3, device=torch.device("cpu"),
+                            skip_nonfinite=skip, last_checkpoint=last)
+    return model, stats
+
+
+def test_nan_loss_in_fine_tuning_stops_naming_epoch_step_and_checkpoint(tmp_path: Path) -> None:
+    last = tmp_path / "last.pth"
+    _save(last, torch.nn.Linear(2, 2), epoch=2)
+    with pytest.raises(TrainingError) as err:
+        _train_steps(NonFiniteAt(2), [0, 1, 2, 3], skip=False, last=last)
+    text = str(err.value)
+    # The second batch of epoch 3 is step 2, counted as the progress log counts ("epoch 3 step 2/4").
+    assert "non-finite loss (nan) at epoch 3, step 2;" in text and f"last good checkpoint: {last}" in text
+
+
+def test_nan_loss_in_fine_tuning_is_skipped_with_run_skip_nonfinite() -> None:
+    """A skipped step changes no weight: the result equals training without that batch."""
+    skipped_model, stats = _train_steps(NonFiniteAt(2), [0, 1, 2, 3], skip=True)
+    assert stats["steps"] == 3 and stats["skipped"] == 1
+    clean_model, _ = _train_steps(ReIDLoss(), [0, 2, 3], skip=False)
+    for (name, got), (_, want) in zip(skipped_model.named_parameters(), clean_model.named_parameters()):
+        assert torch.equal(got, want), name
+
+
 # ----------------------------------------------------------------------------- configs
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "market_vit_small.yaml"
 
 
 def test_config_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("optim:\n  learning_rate: 0.1\n")
+    recipe.write_text(f"_base_: {RECIPE}\noptim:\n  learning_rate: 0.1\n")
     with pytest.raises(ConfigError) as err:
-        load_config(ClusterConfig, recipe)
+        load_config(FinetuneConfig, recipe)
     assert str(recipe) in str(err.value) and "optim.learning_rate" in str(err.value)
+
+
+def test_config_unknown_override_names_the_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(FinetuneConfig, RECIPE, ["optim.lr=0.1"])
+    assert "override 'optim.lr=0.1'" in str(err.value) and "Key 'lr' not in 'OptimConfig'" in str(err.value)
 
 
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
-        ("optim.batch_size=many", "optim.batch_size"),
-        ("run.skip_nonfinite=maybe", "run.skip_nonfinite"),
-        ("data.img_size=big", "data.img_size"),
+        ("optim.batch_size=many", "'optim.batch_size': Value 'many' of type 'str' could not be converted"),
+        ("run.skip_nonfinite=maybe", "'run.skip_nonfinite': Value 'maybe' is not a valid bool"),
+        ("data.img_size=big", "'data.img_size'"),
     ],
 )
-def test_config_wrong_type_names_the_key(override: str, fragment: str) -> None:
+def test_config_wrong_type_names_key_and_value(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(ClusterConfig, None, [override])
+        load_config(FinetuneConfig, RECIPE, [override])
     assert fragment in str(err.value)
 
 
 @pytest.mark.parametrize(
-    ("override", "fragment"),
+    ("schema", "override", "fragment"),
     [
-        ("optim.batch_size=30", "'optim.batch_size': 30 must be a multiple of optim.num_instances (8)"),
-        ("data.img_size=[250,128]", "'data.img_size': [250, 128] must be [height, width], both positive multiples"),
-        ("data.img_size=[256]", "'data.img_size': [256] must be [height, width]"),
-        ("run.epochs=0", "'run.epochs': 0 must be > 0"),
-        ("model.drop_path_rate=1.5", "'model.drop_path_rate': 1.5 must be in [0, 1)"),
+        (FinetuneConfig, "optim.batch_size=30", "'optim.batch_size': 30 is not a multiple of optim.num_instances = 4"),
+        (ClusterConfig, "optim.batch_size=30", "'optim.batch_size': 30 must be a multiple of optim.num_instances (8)"),
+        (FinetuneConfig, "data.img_size=[250,128]",
+         "'data.img_size': [250, 128] must be [height, width], both positive multiples of 16"),
+        (FinetuneConfig, "data.img_size=[256]", "'data.img_size': [256] must be [height, width]"),
+        (FinetuneConfig, "run.epochs=0", "'run.epochs': 0 must be > 0"),
+        (FinetuneConfig, "model.drop_path_rate=1.5", "'model.drop_path_rate': 1.5 must be in [0, 1)"),
+        (FinetuneConfig, "loss.label_smoothing=1.0", "'loss.label_smoothing': 1.0 must be in [0, 1)"),
     ],
+    ids=lambda v: v if isinstance(v, str) else v.__name__,
 )
-def test_config_impossible_value_names_key_and_value(override: str, fragment: str) -> None:
+def test_config_impossible_value_names_key_and_value(schema: type, override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(ClusterConfig, None, [override])
+        load_config(schema, None, [override])
     assert fragment in str(err.value)
 
 
@@ -469,10 +543,18 @@ def test_unknown_model_name_lists_the_registered_ones() -> None:
 
 
 def _error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
-    """The stderr lines after the progress bars (which tqdm also writes there); no traceback allowed."""
+    """What the user reads on stderr apart from progress bars (tqdm writes them there too); no traceback allowed."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    return [line for line in err.splitlines() if line.strip() and not line.startswith("extract:")]
+    lines = []
+    for segment in re.split(r"[\r\n]", err):
+        if re.match(r"(extract|epoch \d+): ", segment):
+            if "passreid " not in segment:
+                continue
+            segment = segment[segment.index("passreid "):]  # an error printed right after a progress bar
+        if segment.strip():
+            lines.append(segment)
+    return lines
 
 
 def test_cli_eval_with_missing_checkpoint_prints_one_line_and_exits_2(
@@ -508,6 +590,78 @@ def test_cli_eval_with_a_corrupt_image_prints_one_line_naming_it(
                      "--device", "cpu", "--num-workers", "1", "--batch-size", "4"])
     assert code == 2
     assert _error_lines(capsys) == [f"passreid eval: error: image file is empty (0 bytes): {bad}"]
+
+
+@pytest.fixture
+def tiny_recipe(market: Path, tmp_path: Path) -> Path:
+    """A ``passreid train`` recipe: tiny model at 64x32 on the synthetic set, 2 identities x 4 images per batch."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        f"data: {{dataset: synthetic, root: {market}, img_size: [64, 32], num_workers: 0}}\n"
+        "model: {name: pass_vit_tiny, depth: 1, pretrained: ''}\n"
+        f"run: {{output_dir: {tmp_path / 'run'}, epochs: 2, device: cpu}}\n"
+        "optim: {batch_size: 8, num_instances: 4, base_lr: 0.01}\n"
+    )
+    return recipe
+
+
+def _fake_last(recipe: Path, overrides: list[str], fingerprint: dict | None = None) -> Path:
+    """A ``last.pth`` as a run of ``recipe`` would leave it (only what resuming checks first is real)."""
+    cfg = load_config(FinetuneConfig, recipe, overrides)
+    last = Path(cfg.run.output_dir) / "last.pth"
+    save_training_checkpoint(last, model=torch.nn.Linear(1, 1), optimizer=None, scheduler=None, scaler=None,
+                             epoch=1, config=config_to_dict(cfg), fingerprint=fingerprint)
+    return last
+
+
+def test_resume_without_a_checkpoint_names_the_missing_file(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["train", str(tiny_recipe), "--resume"]) == 2
+    assert _error_lines(capsys) == [
+        f"passreid train: error: cannot resume: checkpoint {tmp_path / 'run' / 'last.pth'} does not exist"
+    ]
+
+
+def test_resume_with_a_changed_config_is_refused_showing_the_diff(
+    tiny_recipe: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fake_last(tiny_recipe, [])
+    code = cli_main(["train", str(tiny_recipe), "optim.base_lr=0.02", "loss.label_smoothing=0.1", "--resume"])
+    assert code == 2
+    lines = _error_lines(capsys)
+    assert lines[0].startswith("passreid train: error: the config differs from the one the run was started with")
+    assert "--force-resume" in lines[0]
+    assert [line.strip() for line in lines[1:]] == ["loss.label_smoothing: 0.0 -> 0.1", "optim.base_lr: 0.01 -> 0.02"]
+
+
+def test_forced_resume_with_a_changed_config_logs_the_diff(caplog: pytest.LogCaptureFixture) -> None:
+    saved = {"optim": {"base_lr": 0.01}, "run": {"output_dir": "a", "epochs": 4}}
+    check_resume_config(saved, {"optim": {"base_lr": 0.02}, "run": {"output_dir": "b", "epochs": 4}}, force=True)
+    assert "resuming with a changed config (forced)" in caplog.text and "optim.base_lr: 0.01 -> 0.02" in caplog.text
+    assert "output_dir" not in caplog.text  # where the run lives is not part of what it computes
+
+
+def test_resume_on_other_training_images_is_refused(
+    tiny_recipe: Path, market: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    last = _fake_last(tiny_recipe, [], fingerprint={"num_images": 3, "list_sha1": "f" * 40})
+    assert cli_main(["train", str(tiny_recipe), "--resume"]) == 2
+    (line,) = _error_lines(capsys)
+    assert f"the training images differ from those {last} was trained on (3 images, list ffffffffffff vs" in line
+    assert line.endswith("pass --force-resume to continue anyway")
+
+
+def test_out_of_memory_while_training_suggests_a_batch_size(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_memory(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(ReIDModel, "forward", no_memory)
+    assert cli_main(["train", str(tiny_recipe)]) == 2
+    (line,) = _error_lines(capsys)
+    assert line.startswith("passreid train: error: GPU out of memory at batch size 8; try a batch size of 4 or lower")
 
 
 def test_safe_load_of_missing_checkpoint_names_it(tmp_path: Path) -> None:
