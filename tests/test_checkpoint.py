@@ -468,8 +468,9 @@ def test_save_atomic_keeps_old_file_when_writing_fails(tmp_path: Path, monkeypat
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left") as err:
         save_atomic({"epoch": 2, "w": torch.zeros(3)}, path)
+    assert str(path) in str(err.value) and "unchanged" in str(err.value)
     monkeypatch.undo()
 
     assert os.listdir(tmp_path) == ["last.pth"]

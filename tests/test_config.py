@@ -66,6 +66,8 @@ def test_round_trip_through_yaml(tmp_path):
         ("run.precision=fp8", "run.precision"),
         ("run.epochs=0", "run.epochs"),
         ("optim.lr", "key.sub=value"),
+        ("model.name=pass_vit_huge", "model.name"),
+        ("data.dataset=market", "data.dataset"),
     ],
 )
 def test_bad_override_names_the_key(override, fragment):

@@ -70,19 +70,30 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     The data goes to a temporary file in the same folder, is flushed to disk and
     then renamed over ``path``; a failure (disk full, kill) leaves the previous
     file untouched and removes the temporary one.
+
+    Raises:
+        CheckpointError: the file could not be written (disk full, no permission);
+            the message names it and says the previous version is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise CheckpointError(
+                f"cannot write {path}: {exc.strerror or exc}; the previous {path.name}, if any, is unchanged"
+            ) from exc
         raise
 
 

@@ -53,8 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PassReIDError as exc:
         if args.verbose:
             raise
-        print(f"passreid {args.command}: error: {exc}", file=sys.stderr)
+        print(f"passreid {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
+
+
+def user_message(exc: BaseException) -> str:
+    """The error's own message; for one raised in a DataLoader worker, torch prepends the
+    worker's traceback, of which only the last line (the original message) is kept."""
+    message = str(exc)
+    if "in DataLoader worker process" in message.split("\n", 1)[0]:
+        return message.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
+    return message
 
 
 if __name__ == "__main__":

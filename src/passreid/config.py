@@ -62,6 +62,9 @@ class DataConfig:
     skip_corrupt: bool = False
 
     def __post_init__(self) -> None:
+        from passreid.data.datasets import list_datasets
+
+        check_choice("data.dataset", self.dataset, list_datasets())
         check_img_size("data.img_size", self.img_size)
         check_positive("data.num_workers", self.num_workers, allow_zero=True)
 
@@ -79,6 +82,9 @@ class ModelConfig:
     test_feature: str = "before"
 
     def __post_init__(self) -> None:
+        from passreid.models import list_models
+
+        check_choice("model.name", self.name, list_models())
         check_positive("model.depth", self.depth)
         check_choice("model.fusion", self.fusion, ("cat", "mean"))
         check_choice("model.neck", self.neck, ("multi", "single"))
