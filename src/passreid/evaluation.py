@@ -131,6 +131,31 @@ def compute_distance(qf: ArrayLike, gf: ArrayLike, metric: Metric = "euclidean")
     return _matmul(_augment(q, metric, "query"), _augment(g, metric, "gallery")).clamp_(min=0.0)
 
 
+def distance_chunks(
+    qf: ArrayLike,
+    gf: ArrayLike,
+    *,
+    metric: Metric = "euclidean",
+    chunk_size: int,
+    device: str | torch.device | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(start, block)`` for consecutive query chunks, ``block`` = distances of
+    queries ``start .. start + C - 1`` to the whole gallery, ``(C, G)`` float32 on ``device``.
+
+    The values are exactly those of :func:`compute_distance`; the gallery is prepared once,
+    so only one ``(C, G)`` block exists at a time (plus whatever the caller keeps).
+    """
+    _check_metric(metric)
+    q = _as_float_tensor(qf, "qf")
+    g = _as_float_tensor(gf, "gf")
+    _check_features(q, g)
+    dev = torch.device(device) if device is not None else g.device
+    g_aug = _augment(g.to(dev), metric, "gallery")
+    for start in range(0, q.shape[0], chunk_size):
+        q_aug = _augment(q[start : start + chunk_size].to(dev), metric, "query")
+        yield start, _matmul(q_aug, g_aug).clamp_(min=0.0)
+
+
 def _index_bits(num_gallery: int) -> int:
     """Bits that hold any gallery index."""
     return max(1, math.ceil(math.log2(max(num_gallery, 2))))
@@ -409,16 +434,9 @@ def evaluate(
     qp, qc, gp, gc = _labels(q_pids, g_pids, q_camids, g_camids, num_query, num_gallery)
     step = _chunk_rows(num_gallery, chunk_size)
     logger.debug("evaluating %d queries x %d gallery in chunks of %d on %s", num_query, num_gallery, step, dev)
-
     with torch.inference_mode():
-        g_aug = _augment(g.to(dev), metric, "gallery")
-
-        def chunks() -> Iterator[tuple[int, torch.Tensor]]:
-            for start in range(0, num_query, step):
-                q_aug = _augment(q[start : start + step].to(dev), metric, "query")
-                yield start, _matmul(q_aug, g_aug).clamp_(min=0.0)
-
-        return _run_protocol(chunks(), qp, qc, gp, gc, max_rank=max_rank, device=dev)
+        chunks = distance_chunks(q, g, metric=metric, chunk_size=step, device=dev)
+        return _run_protocol(chunks, qp, qc, gp, gc, max_rank=max_rank, device=dev)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
