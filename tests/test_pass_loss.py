@@ -156,3 +156,30 @@ def test_token_count_mismatch_is_an_error() -> None:
     student, teacher = _random_outputs(10)
     with pytest.raises(ValueError, match="token types"):
         PASSLoss(K, num_tokens=1)(student, teacher, 0)
+
+
+def _center_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _, teacher = _random_outputs(20 + rank)
+        loss_fn = PASSLoss(K, center_momentum=0.5)
+        loss_fn.update_center(teacher)
+        torch.save(loss_fn.center, f"{out_dir}/center{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_centers_are_averaged_over_processes(tmp_path) -> None:  # noqa: ANN001
+    """Two gloo processes with different teacher outputs end with the same center: the mean over both."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_center_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    teachers = [_random_outputs(20 + rank)[1] for rank in range(2)]
+    for rank in range(2):
+        center = torch.load(tmp_path / f"center{rank}.pt")
+        for t in range(4):
+            global_mean = torch.cat([teacher.tokens()[t] for teacher in teachers], dim=1).mean(dim=(0, 1))
+            torch.testing.assert_close(center[t], 0.5 * global_mean.float(), rtol=0, atol=1e-6)
