@@ -135,8 +135,8 @@ def test_attention_maps_known_answer_with_blind_queries() -> None:
 def test_attention_figure_size(tmp_path: Path) -> None:
     images = [solid(tmp_path / "a.png", (200, 0, 0)), Image.new("RGB", (30, 70), (0, 0, 200))]
     picture = attention_figure(tiny_backbone(), images, out=tmp_path / "att.png", scale=2)
-    # 5 columns of 64 px + gaps of 4; header 14 + 4, then 2 rows of 128 + 4.
-    assert picture.size == (4 + 5 * (64 + 4), 18 + 2 * (128 + 4))
+    # 5 columns of 64 px + gaps of 4; header 14 + 4, then 2 rows of 128 + 14 (peak text) + 4.
+    assert picture.size == (4 + 5 * (64 + 4), 18 + 2 * (128 + 14 + 4))
     assert picture.getpixel((4 + 32, 18 + 64)) == (200, 0, 0)  # the first column is the image itself
     assert Image.open(tmp_path / "att.png").size == picture.size
 
@@ -176,7 +176,7 @@ def test_visualize_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     aps = [float(line.split("AP")[1].split()[0]) for line in lines[:2]]
     assert aps[0] <= aps[1]
     assert len(list((tmp_path / "out").glob("worst*.png"))) == 2
-    assert Image.open(tmp_path / "out" / "attention.png").size[1] == 18 + 2 * (2 * SIZE[0] + 4)
+    assert Image.open(tmp_path / "out" / "attention.png").size[1] == 18 + 2 * (2 * SIZE[0] + 14 + 4)
     assert main([*common, "--queries", "0,1"]) == 0
     assert len(list((tmp_path / "out").glob("rank_*.png"))) == 2
     assert main([*common, "--queries", "999"]) == 2

@@ -116,7 +116,7 @@ def ranked_list_grid(
     Args:
         query_path: the query image (path or PIL image).
         gallery_paths: ranked gallery images, best first.
-        distances: one number per gallery image, printed with 3 decimals.
+        distances: one number per gallery image, printed with 3 significant digits.
         correct: per gallery image True / False / None; None for all when omitted.
         out: also save the picture here (PNG).
         k: cells drawn (fewer if fewer images are given).
@@ -134,7 +134,7 @@ def ranked_list_grid(
         flag = flags[rank]
         color = UNKNOWN_COLOR if flag is None else CORRECT_COLOR if flag else WRONG_COLOR
         _draw_cell(canvas, rank + 1, _load_cell(gallery_paths[rank], cell_size), color,
-                   f"{label}{float(distances[rank]):.3f}", cell_size)
+                   f"{label}{float(distances[rank]):.3g}", cell_size)
     if out is not None:
         _save(canvas, out)
     return canvas
@@ -306,15 +306,18 @@ def attention_maps(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     return maps.reshape(num_special, *grid).cpu()
 
 
-def _heat_overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.5) -> Image.Image:
-    """``image`` blended with ``heat`` (h, w) upsampled to its size, scaled to its max, jet colours."""
-    import matplotlib
+def _jet(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (h, w) -> (h, w, 3) uint8 in the piecewise-linear jet colour map (blue -> red)."""
+    channels = [np.clip(1.5 - np.abs(4 * values - centre), 0, 1) for centre in (3, 2, 1)]
+    return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
 
+
+def _heat_overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.5) -> Image.Image:
+    """``image`` blended with ``heat`` (h, w) upsampled to its size, min-max scaled (as ``imshow`` would)."""
     size = (image.height, image.width)
     up = F.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    up = (up / up.max().clamp(min=1e-12)).clamp(0, 1).numpy()
-    colours = (matplotlib.colormaps["jet"](up)[..., :3] * 255).astype(np.uint8)
-    return Image.blend(image, Image.fromarray(colours), alpha)
+    up = ((up - up.min()) / (up.max() - up.min()).clamp(min=1e-12)).numpy()
+    return Image.blend(image, Image.fromarray(_jet(up)), alpha)
 
 
 def attention_figure(
@@ -329,7 +332,9 @@ def attention_figure(
     """One row per image: the image, then the cls and part 1-3 attention maps over it.
 
     Images are preprocessed as for evaluation at the backbone's input size and
-    shown at ``scale`` times that size. Returns the picture (and saves it to ``out``).
+    shown at ``scale`` times that size. Each map's colours span its own min..max,
+    so the text under it gives its peak as a multiple of uniform attention
+    (1.0x: the token looks everywhere alike). Returns the picture (and saves it to ``out``).
     """
     if not images:
         raise ValueError("attention_figure needs at least one image")
@@ -339,8 +344,8 @@ def attention_figure(
     cell_h, cell_w = h * scale, w * scale
     columns = ("image", *TOKEN_NAMES)
     header = TEXT_HEIGHT + GAP
-    canvas = Image.new("RGB", (GAP + len(columns) * (cell_w + GAP), header + len(images) * (cell_h + GAP)),
-                       BACKGROUND)
+    row_h = cell_h + TEXT_HEIGHT + GAP
+    canvas = Image.new("RGB", (GAP + len(columns) * (cell_w + GAP), header + len(images) * row_h), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     for col, name in enumerate(columns):
@@ -350,10 +355,14 @@ def attention_figure(
         pil = source.convert("RGB") if isinstance(source, Image.Image) else read_image(source)
         maps = attention_maps(backbone, transform(pil).as_subclass(torch.Tensor))
         shown = pil.resize((cell_w, cell_h), Image.Resampling.BILINEAR)
-        y = header + row * (cell_h + GAP)
+        y = header + row * row_h
         canvas.paste(shown, (GAP, y))
         for t in range(len(TOKEN_NAMES)):
-            canvas.paste(_heat_overlay(shown, maps[t]), (GAP + (t + 1) * (cell_w + GAP), y))
+            x = GAP + (t + 1) * (cell_w + GAP)
+            canvas.paste(_heat_overlay(shown, maps[t]), (x, y))
+            peak = f"peak {float(maps[t].max()) * maps[t].numel():.2f}x"
+            draw.text((x + (cell_w - draw.textlength(peak, font=font)) / 2, y + cell_h + 1), peak,
+                      fill=TEXT_COLOR, font=font)
     if out is not None:
         _save(canvas, out)
     return canvas
@@ -364,7 +373,7 @@ def attention_figure(
 
 @register_demo_stage(order=40, name="visualize")
 def visualize_stage(ctx: DemoContext) -> list[StageResult]:
-    """Ranked list of the worst query and attention maps of the fine-tuned demo model.
+    """Ranked list of the worst query (lowest AP) and attention maps of the best one, fine-tuned demo model.
 
     Writes ``ranked_list.png`` and ``attention.png`` into ``ctx.workdir`` and
     records them in ``ctx.state["pictures"]`` (name -> path). Adds no metrics row.
@@ -398,10 +407,11 @@ def visualize_stage(ctx: DemoContext) -> list[StageResult]:
     pictures = ctx.state.setdefault("pictures", {})
     pictures["ranked_list"] = ctx.workdir / "ranked_list.png"
     ranked_list_grid(query_paths[q], ranked, rankings.top_dist[q][valid], correct, out=pictures["ranked_list"])
-    # The query beside its best-ranked correct match: do the part tokens find the same body parts?
-    match = [path for path, ok in zip(ranked, correct) if ok][:1]
+    # The best-served query beside its first correct match: do the part tokens find the same body parts?
+    best = int(np.nanargmax(rankings.ap))
+    match = [gallery_paths[j] for j, ok in zip(rankings.top[best], rankings.top_correct[best]) if ok and j >= 0]
     pictures["attention"] = ctx.workdir / "attention.png"
-    attention_figure(pipeline.model, [query_paths[q], *match], out=pictures["attention"])
+    attention_figure(pipeline.model, [query_paths[best], *match[:1]], out=pictures["attention"])
     logger.info("visualize: worst query %s (AP %.3f); pictures in %s (%.1f s)", Path(query_paths[q]).name,
                 rankings.ap[q], ctx.workdir, time.perf_counter() - t0)
     return []
