@@ -114,8 +114,6 @@ def _as_matrix(features: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
 class _TorchKNN:
     """Exact inner-product k-NN on a device; gallery (N, D) held as one tensor."""
 
-    name = "torch"
-
     def __init__(self, dim: int, device: torch.device) -> None:
         self.device = device
         self.data = torch.empty(0, dim, device=device)
@@ -144,8 +142,6 @@ class _TorchKNN:
 
 class _FaissIndex:
     """A faiss ``IndexFlatIP`` or ``IndexIVFFlat`` (trained on the first vectors added)."""
-
-    name = "faiss"
 
     def __init__(self, dim: int, index: IndexType, nlist: int | None, nprobe: int, raw: Any = None) -> None:
         faiss = _import_faiss()
@@ -244,6 +240,7 @@ class Gallery:
         self.nprobe = nprobe
         self.backend_name = backend
         self._backend: _TorchKNN | _FaissIndex | None = None
+        self._dim = 0
         self._paths: list[str] = []
         self._path_set: set[str] = set()
         self._pids: list[np.ndarray] = []
