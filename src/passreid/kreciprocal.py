@@ -29,7 +29,6 @@ with about ``|R*|`` entries a row, and m is accumulated from the columns the row
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from typing import Literal
 
@@ -174,7 +173,9 @@ def _expanded_sets(nn: np.ndarray, n_full: int, n_half: int) -> tuple[np.ndarray
         accept = r_mask & (3 * inside.sum(axis=2) > 2 * half_size[r_idx])
         take = c_mask & accept[:, :, None]
         me = np.arange(start, start + r_idx.shape[0])[:, None]
-        row_ids = np.concatenate([np.broadcast_to(me, r_idx.shape)[r_mask], np.broadcast_to(me[:, :, None], c_idx.shape)[take]])
+        row_ids = np.concatenate(
+            [np.broadcast_to(me, r_idx.shape)[r_mask], np.broadcast_to(me[:, :, None], c_idx.shape)[take]]
+        )
         col_ids = np.concatenate([r_idx[r_mask], c_idx[take]])
         keys.append(np.unique(row_ids * num + col_ids))
     key = np.concatenate(keys)
@@ -238,24 +239,27 @@ def _encode(
     return (qe @ v).tocsr()
 
 
-def _min_sums(v: sp.csr_matrix, rows: range, targets: range) -> Iterator[tuple[int, np.ndarray]]:
+def _min_sums(v: sp.csr_matrix, rows: range, targets: range) -> Iterator[tuple[int, sp.csr_matrix]]:
     """Blocks of m(i, t) = sum_l min(V[i, l], V[t, l]) for i in ``rows``, t in ``targets``.
 
     Each row i visits only its non-zero columns l and, through the column-wise (inverted)
     index of the target rows, the targets t that share l, as the published code does - but
-    for a whole block of rows at once.
+    for a whole block of rows at once, summing the per-column terms with a sparse
+    (row, target) accumulation, so the cost is the number of terms, not rows x targets.
 
     Yields:
-        ``(first row, (C, len(targets)) float64 block)`` over consecutive row blocks.
+        ``(first row, (C, len(targets)) float64 CSR block)`` over consecutive row blocks;
+        it stores exactly the pairs with m > 0.
     """
     num_targets = len(targets)
     inverted = v[targets.start : targets.stop].tocsc()
     inv_ptr = inverted.indptr.astype(np.int64)
     inv_rows, inv_vals = inverted.indices, inverted.data
     col_count = np.diff(inv_ptr)
+    # A block may be made dense by the caller: (C, targets) float64 within half the budget.
     block_rows = max(1, CHUNK_BYTES // 2 // (8 * max(num_targets, 1)))
-    # Each (row entry, shared target) triple costs ~40 bytes of temporaries.
-    max_triples = max(1, CHUNK_BYTES // 2 // 40)
+    # Each (row entry, shared target) term costs ~48 bytes of temporaries.
+    max_terms = max(1, CHUNK_BYTES // 2 // 48)
     for start in range(rows.start, rows.stop, block_rows):
         stop = min(start + block_rows, rows.stop)
         part = v[start:stop]
@@ -263,21 +267,22 @@ def _min_sums(v: sp.csr_matrix, rows: range, targets: range) -> Iterator[tuple[i
         e_cols, e_vals = part.indices, part.data
         counts = col_count[e_cols]
         ends = np.cumsum(counts)
-        size = (stop - start) * num_targets
-        block = np.zeros(size)
+        block = sp.csr_matrix((stop - start, num_targets))
         first = 0
         while first < e_cols.size:
-            # entries first .. last - 1: at most max_triples triples (and at least one entry)
+            # entries first .. last - 1: at most max_terms terms (and at least one entry)
             done = ends[first - 1] if first else 0
-            last = max(first + 1, int(np.searchsorted(ends, done + max_triples, side="right")))
+            last = max(first + 1, int(np.searchsorted(ends, done + max_terms, side="right")))
             cnt = counts[first:last]
             rep = np.repeat(np.arange(first, last), cnt)
             pos = inv_ptr[e_cols[rep]] + (np.arange(rep.size) - np.repeat(np.cumsum(cnt) - cnt, cnt))
-            shared = np.minimum(e_vals[rep], inv_vals[pos])
-            sums = np.bincount(e_rows[rep] * num_targets + inv_rows[pos], weights=shared, minlength=size)
-            block = sums if first == 0 else block + sums
+            shared = np.minimum(e_vals[rep], inv_vals[pos]).astype(np.float64)
+            # duplicates (row, target) are summed by the COO -> CSR conversion
+            terms = sp.csr_matrix((shared, (e_rows[rep], inv_rows[pos])), shape=block.shape)
+            block = terms if first == 0 else block + terms
             first = last
-        yield start, block.reshape(stop - start, num_targets)
+        block.eliminate_zeros()  # zero weights (exp underflow) share nothing
+        yield start, block
 
 
 def _jaccard_from_min_sum(m: np.ndarray) -> np.ndarray:
@@ -330,11 +335,14 @@ def jaccard_distance(
     data, indices, counts = [], [], []
     col_bits = max(1, int(num - 1).bit_length())
     for start, m in _min_sums(v, range(num), range(num)):
-        local = np.arange(m.shape[0])
-        m[local, start + local] = 1.0  # a point's own distance is exactly 0, always stored
-        r, c = np.nonzero(m)
-        d = _jaccard_from_min_sum(m[r, c]).astype(np.float32)
-        counts.append(np.bincount(r, minlength=m.shape[0]))
+        num_rows = m.shape[0]
+        # a point's own distance is exactly 0 and always stored: make m(i, i) present, then 1
+        local = np.arange(num_rows)
+        m = (m + sp.csr_matrix((np.ones(num_rows), (local, start + local)), shape=m.shape)).tocoo()
+        r, c = m.row.astype(np.int64), m.col.astype(np.int64)
+        m.data[c == r + start] = 1.0
+        d = _jaccard_from_min_sum(m.data).astype(np.float32)
+        counts.append(np.bincount(r, minlength=num_rows))
         # Row-major with each row by ascending distance: sort one int64 key (row, distance
         # bits - ordered like the values for d >= 0 -, column); it fits as rows x N < 2**32.
         key = (r << (31 + col_bits)) | (d.view(np.int32).astype(np.int64) << col_bits) | c
@@ -397,5 +405,5 @@ def re_ranking(
     original *= scale[:num_q, None]
     original *= lambda_value
     for start, m in _min_sums(v, range(num_q), range(num_q, num)):
-        original[start : start + m.shape[0]] += (1.0 - lambda_value) * _jaccard_from_min_sum(m)
+        original[start : start + m.shape[0]] += (1.0 - lambda_value) * _jaccard_from_min_sum(m.toarray())
     return torch.from_numpy(original)
