@@ -290,7 +290,8 @@ def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     # HSV -> RGB in closed form: channel n in (5, 3, 1) is v - v*s*clamp(min(k, 4 - k), 0, 1),
     # k = (n + 6h) mod 6.
     h6 = (hue * 6.0).unsqueeze(1)
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + h6, 6.0)
+    n_offsets = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
+    k = torch.remainder(n_offsets + h6, 6.0)
     weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     v = maxc.unsqueeze(1)
     return v - v * sat.unsqueeze(1) * weight
@@ -302,18 +303,19 @@ _JITTER_OPS: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float) -> Tensor:
-    """Separable Gaussian blur of (N, C, H, W) with per-image ``sigma`` (N,); sigma <= 0 leaves the image.
+    """Separable Gaussian blur of (N, C, H, W) with per-image ``sigma`` (N,) on the same device;
+    sigma <= 0 leaves the image.
 
     Kernels are 2 * ceil(3 * max_sigma) + 1 taps; edges are replicated (as PIL).
     """
     n, c, height, width = x.shape
     radius = max(1, math.ceil(3 * max_sigma))
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    sig = sigma.to(device=x.device, dtype=x.dtype).clamp_min(1e-6)[:, None]
+    sig = sigma.to(dtype=x.dtype).clamp_min(1e-6)[:, None]
     kernel = torch.exp(-0.5 * (taps[None, :] / sig) ** 2)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     delta = (taps == 0).to(x.dtype).expand(n, -1)
-    kernel = torch.where((sigma > 0).to(x.device)[:, None], kernel, delta)
+    kernel = torch.where((sigma > 0)[:, None], kernel, delta)
     kernel = kernel.repeat_interleave(c, dim=0)  # (N*C, taps)
     # One grouped convolution per direction over all N*C channels.
     y = F.pad(x.reshape(1, n * c, height, width), (radius, radius, radius, radius), mode="replicate")
@@ -327,8 +329,8 @@ def resized_crops(images: Tensor, boxes: Tensor, flips: Tensor, size: tuple[int,
 
     Args:
         images: (B, C, H, W) float.
-        boxes: (V, B, 4) ``(top, left, h, w)`` in pixels of ``images``.
-        flips: (V, B) bool, mirror the view.
+        boxes: (V, B, 4) ``(top, left, h, w)`` in pixels of ``images``, on their device.
+        flips: (V, B) bool, mirror the view, on their device.
         size: (Ho, Wo) output size.
 
     Returns:
@@ -358,23 +360,48 @@ def resized_crops(images: Tensor, boxes: Tensor, flips: Tensor, size: tuple[int,
     return out.clamp(0, 1)
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on ``device`` without a synchronisation (pinned, non-blocking copy on CUDA).
+
+    A plain copy from pageable memory makes the host wait for the GPU queue, which
+    would stall every step at the augmentation.
+    """
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def photometric(x: Tensor, params: PhotometricParams) -> Tensor:
-    """Colour jitter (random op order), grayscale, blur and solarise (N, 3, H, W) in [0, 1] per image."""
-    device = x.device
+    """Colour jitter (random op order), grayscale, blur and solarise (N, 3, H, W) in [0, 1] per image.
+
+    ``params`` live on the CPU; the groups of images each op applies to are
+    computed there and sent in three copies, so nothing waits for the device.
+    """
+    device, n = x.device, x.shape[0]
+    num_ops = len(_JITTER_OPS)
+    # Per slot, image indices sorted by the op they get there (num_ops = no jitter): contiguous groups.
+    op_ids = torch.where(params.jitter[:, None], params.order, num_ops)  # (N, 4)
+    sorted_idx = torch.argsort(op_ids, dim=0, stable=True).T.contiguous()  # (4, N)
+    counts = torch.stack([torch.bincount(op_ids[:, slot], minlength=num_ops + 1) for slot in range(4)]).tolist()
+    sorted_dev = to_device(sorted_idx, device)
+    factors = to_device(params.factors.to(x.dtype), device)
+    sigma = torch.where(params.blur, params.sigma, torch.zeros_like(params.sigma))
+    masks = to_device(torch.stack((params.gray.to(x.dtype), params.solarize.to(x.dtype), sigma.to(x.dtype)), 1),
+                      device)
     x = x.clone()
     for slot in range(4):
+        start = 0
         for op, fn in enumerate(_JITTER_OPS):
-            # Indices are known on the CPU: no device synchronisation.
-            idx = torch.nonzero(params.jitter & (params.order[:, slot] == op)).squeeze(1)
-            if idx.numel():
-                idx_dev = idx.to(device)
-                x[idx_dev] = fn(x[idx_dev], params.factors[idx, op].to(device=device, dtype=x.dtype))
-    gray = params.gray.to(device)[:, None, None, None]
+            count = counts[slot][op]
+            if count:
+                idx = sorted_dev[slot, start:start + count]
+                x[idx] = fn(x[idx], factors[idx, op])
+            start += count
+    gray = masks[:, 0].view(n, 1, 1, 1) > 0
     x = torch.where(gray, rgb_to_gray(x).expand_as(x), x)
     if bool(params.blur.any()):
-        sigma = torch.where(params.blur, params.sigma, torch.zeros_like(params.sigma))
-        x = gaussian_blur(x, sigma, max_sigma=float(params.sigma.max()))
-    solar = params.solarize.to(device)[:, None, None, None]
+        x = gaussian_blur(x, masks[:, 2], max_sigma=float(params.sigma.max()))
+    solar = masks[:, 1].view(n, 1, 1, 1) > 0
     return torch.where(solar & (x >= SOLARIZE_THRESHOLD), 1.0 - x, x)
 
 
@@ -498,19 +525,20 @@ class BatchedMultiCrop(MultiCrop):
                                     solarize_p.repeat_interleave(batch), generator)
 
         source = images.float().div_(255)
-        mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        mean_std = to_device(torch.tensor([spec.mean, spec.std]), device).view(2, 1, 3, 1, 1)
+        scale = torch.tensor([height, width, height, width], dtype=torch.float32)
+        boxes_dev = to_device(boxes.float(), device)
+        flips_dev = to_device(flips, device)
         out = []
         for views, size in ((slice(0, NUM_GLOBAL), spec.global_size), (slice(NUM_GLOBAL, None), spec.local_size)):
-            crops = resized_crops(source, boxes[views], flips[views].to(device), size)  # (V', B, 3, h, w)
+            crops = resized_crops(source, boxes_dev[views], flips_dev[views], size)  # (V', B, 3, h, w)
             flat = crops.flatten(0, 1)
             first = views.start * batch
             sub = _slice_params(params, first, first + flat.shape[0])
-            flat = (photometric(flat, sub) - mean) / std
+            flat = (photometric(flat, sub) - mean_std[0]) / mean_std[1]
             out.append(flat.view_as(crops))
-        scale = torch.tensor([height, width, height, width], dtype=torch.float32)
-        return MultiCropBatch(global_views=out[0], local_views=out[1], boxes=(boxes.float() / scale).to(device),
-                              flips=flips.to(device))
+        return MultiCropBatch(global_views=out[0], local_views=out[1], boxes=to_device(boxes.float() / scale, device),
+                              flips=flips_dev)
 
     def image_transform(self) -> Callable[[Image.Image], Any]:
         return v2.Compose([

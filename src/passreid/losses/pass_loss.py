@@ -153,11 +153,13 @@ class PASSLoss(nn.Module):
                 log_p = F.log_softmax(_at_least_fp32(s_logits) / self.student_temp, dim=-1)
                 # ce[g, v] = mean over the batch of -sum_k q[g, b, k] * log_p[v, b, k]: one matmul.
                 ce = -torch.einsum("gbk,vbk->gv", q, log_p) / batch
+                # A float mask, not boolean indexing: indexing would wait for the GPU to count the pairs.
                 mask = pair_mask(num_global, s_logits.shape[0], device)
-                term = ce[mask]
-                total = total + term.sum()
-                num_pairs += term.numel()
-                stats[f"loss_{TOKEN_NAMES[t]}"] = term.mean().detach()
+                pairs = num_global * s_logits.shape[0] - min(num_global, s_logits.shape[0])
+                term = (ce * mask.to(ce.dtype)).sum()
+                total = total + term
+                num_pairs += pairs
+                stats[f"loss_{TOKEN_NAMES[t]}"] = term.detach() / pairs
                 entropy = entropy + torch.special.entr(q).sum(-1).mean().detach()
             stats["teacher_entropy"] = entropy / self.num_tokens
         return PASSLossOutput(total / num_pairs, stats)
