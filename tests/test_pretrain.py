@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def tiny_config(root: Path, out: Path, *, mode: str = "pass", backend: str = "gp
                       local_scale=[0.1, 0.8] if mode == "pass" else [0.05, 0.4]),
         model=tiny_model(mode),
         optim=PretrainOptimConfig(warmup_epochs=1, lr=5e-3),
-        run=RunConfig(output_dir=str(out), epochs=epochs, max_iters_per_epoch=2, log_every=1, device="cpu"),
+        run=RunConfig(output_dir=str(out), epochs=epochs, max_iters_per_epoch=2, log_every=2, device="cpu"),
     )
 
 
@@ -252,12 +253,17 @@ def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
-def test_resume_after_epoch_1_equals_uninterrupted_run(image_folder: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = "gpu"  # the batched multi-crop, run on the CPU here
-    full = run_pretrain(tiny_config(image_folder, tmp_path / "full", backend=backend))
-    assert full["epoch"] == 2 and not full["stopped"]
+@pytest.fixture(scope="module")
+def full_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-epoch run (batched multi-crop, run on the CPU): its run directory."""
+    out = tmp_path_factory.mktemp("full")
+    result = run_pretrain(tiny_config(image_folder, out))
+    assert result["epoch"] == 2 and not result["stopped"] and result["backbone"] == out / "backbone.pth"
+    return out
 
+
+def test_resume_after_epoch_1_equals_uninterrupted_run(image_folder: Path, full_run: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     real = pretrain.train_one_epoch
 
@@ -269,50 +275,49 @@ def test_resume_after_epoch_1_equals_uninterrupted_run(image_folder: Path, tmp_p
 
     monkeypatch.setattr(pretrain, "train_one_epoch", crash_in_epoch_2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_pretrain(tiny_config(image_folder, tmp_path / "resumed", backend=backend))
+        run_pretrain(tiny_config(image_folder, tmp_path))
     monkeypatch.setattr(pretrain, "train_one_epoch", real)
-    assert safe_load(tmp_path / "resumed" / "last.pth")["epoch"] == 1
-    resumed = run_pretrain(tiny_config(image_folder, tmp_path / "resumed", backend=backend), resume="")
+    assert safe_load(tmp_path / "last.pth")["epoch"] == 1
+    resumed = run_pretrain(tiny_config(image_folder, tmp_path), resume="")
     assert resumed["epoch"] == 2
 
-    a, b = _checkpoint_tensors(tmp_path / "full" / "last.pth"), _checkpoint_tensors(tmp_path / "resumed" / "last.pth")
+    a, b = _checkpoint_tensors(full_run / "last.pth"), _checkpoint_tensors(tmp_path / "last.pth")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # the two epochs actually trained something
-    first = safe_load(tmp_path / "resumed" / "last.pth")
-    assert not torch.equal(first["model"]["student"]["backbone.cls_token"],
-                           first["model"]["teacher"]["backbone.cls_token"])
-    records = [line for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines() if line]
-    assert len(records) == 2
+    models = safe_load(tmp_path / "last.pth")["model"]
+    assert not torch.equal(models["student"]["backbone.cls_token"], models["teacher"]["backbone.cls_token"])
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_exported_backbone_loads_into_the_finetuning_model(image_folder: Path, tmp_path: Path) -> None:
-    result = run_pretrain(tiny_config(image_folder, tmp_path / "run", epochs=1, backend="cpu"))
-    backbone_path = result["backbone"]
+def test_exported_backbone_loads_into_the_finetuning_model(full_run: Path, tmp_path: Path) -> None:
+    backbone_path = full_run / "backbone.pth"
     state = safe_load(backbone_path)
     reference = create_model("pass_vit_tiny", img_size=tuple(IMG), depth=1).state_dict()
     assert set(state) == set(reference)  # exactly the PASS names, no prefixes
-    teacher = safe_load(tmp_path / "run" / "last.pth")["model"]["teacher"]
+    teacher = safe_load(full_run / "last.pth")["model"]["teacher"]
     for key, value in state.items():
         assert torch.equal(value, teacher[f"backbone.{key}"]), key
     model = ReIDModel(create_model("pass_vit_tiny", img_size=tuple(IMG), depth=1), num_classes=5)
     report = load_checkpoint(model, backbone_path)
     assert report.loaded == len(reference) and not report.resized
     assert torch.equal(model.base.part_token3, state["part_token3"])
-    meta = (Path(backbone_path).with_suffix(".json")).read_text()
-    assert '"img_size": [\n      64,\n      32\n    ]' in meta and '"mode": "pass"' in meta
+    meta = json.loads(backbone_path.with_suffix(".json").read_text())["meta"]
+    assert meta["img_size"] == IMG and meta["mode"] == "pass" and meta["epoch"] == 2
+    assert meta["dataset"]["num_images"] == 10
 
     # The command writes the same file from the training checkpoint.
     out = tmp_path / "cli" / "backbone.pth"
-    assert cli_main(["export-backbone", str(tmp_path / "run" / "last.pth"), str(out)]) == 0
+    assert cli_main(["export-backbone", str(full_run / "last.pth"), str(out)]) == 0
     again = safe_load(out)
-    assert all(torch.equal(again[k], state[k]) for k in state)
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
     assert out.with_suffix(".json").is_file()
 
 
 def test_dino_ablation_runs_and_exports_class_token_as_part_tokens(image_folder: Path, tmp_path: Path) -> None:
-    result = run_pretrain(tiny_config(image_folder, tmp_path / "dino", mode="dino", epochs=1))
+    # The PIL multi-crop of the loader workers (run in-process here).
+    result = run_pretrain(tiny_config(image_folder, tmp_path / "dino", mode="dino", epochs=1, backend="cpu"))
     state = safe_load(result["backbone"])
     for k in (1, 2, 3):
         assert torch.equal(state[f"part_token{k}"], state["cls_token"])
