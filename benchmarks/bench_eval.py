@@ -11,9 +11,8 @@ identities, 15 cameras) with random 768-d L2-normalised features.
   MSMT17 size, so it runs on the first ``--baseline-queries`` queries; its time and memory
   are scaled linearly to all queries (every stage is linear in the number of queries).
   The published loop builds each query's precision curve with a Python list
-  comprehension over the gallery; ``baseline_s`` times that form and
-  ``baseline_vectorised_ap_s`` the same loop with numpy's vectorised precision curve (a
-  stronger baseline), so both ratios are reported.
+  comprehension over the gallery (~0.1 s per query at this gallery size); the baseline
+  here uses numpy's vectorised cumulative sum instead, a stronger baseline.
 
 Each measurement runs in a fresh process. Peak memory is the growth of that process's
 resident set (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, minus
@@ -105,7 +104,7 @@ def baseline_metrics(
     times["matches"] = time.perf_counter() - t0
     max_rank = min(max_rank, gf.shape[0])
 
-    def loop(published_ap: bool) -> dict[str, Any]:
+    def loop() -> dict[str, Any]:
         cmcs, aps, inps = [], [], []
         for i in range(qf.shape[0]):
             order = indices[i]
@@ -119,11 +118,7 @@ def baseline_metrics(
             cmc = cum.copy()
             cmc[cmc > 1] = 1
             cmcs.append(cmc[:max_rank])
-            if published_ap:
-                curve = np.asarray([x / (r + 1.0) for r, x in enumerate(cum)]) * hits
-            else:
-                curve = cum / np.arange(1.0, cum.size + 1.0) * hits
-            aps.append(curve.sum() / hits.sum())
+            aps.append((cum / np.arange(1.0, cum.size + 1.0) * hits).sum() / hits.sum())
         return {
             "mAP": float(np.mean(aps)),
             "mINP": float(np.mean(inps)),
@@ -133,8 +128,8 @@ def baseline_metrics(
         }
 
     t0 = time.perf_counter()
-    metrics = loop(published_ap=False)
-    times["loop_vectorised_ap"] = time.perf_counter() - t0
+    metrics = loop()
+    times["loop"] = time.perf_counter() - t0
     return metrics, times
 
 
@@ -143,6 +138,13 @@ def _child(kind: str, args: dict[str, Any], queries: int) -> dict[str, Any]:
     torch.set_num_threads(args["threads"])
     data = make_data(args["queries"], args["gallery"], args["dim"], args["ids"], args["cams"], args["seed"])
     data = {k: v[:queries] if k.startswith("q") else v for k, v in data.items()}
+    warm_up = {k: v[:20] if k.startswith("q") else v[:500] for k, v in data.items()}  # one-off library set-up
+    if kind == "baseline":
+        baseline_metrics(**warm_up)
+    else:
+        from passreid.evaluation import evaluate
+
+        evaluate(**warm_up, device=args["device"])
     _reset_peak()
     rss_before = _rss_kib("VmRSS")
     out: dict[str, Any] = {}
@@ -155,8 +157,6 @@ def _child(kind: str, args: dict[str, Any], queries: int) -> dict[str, Any]:
         tracemalloc.stop()
         out["stages"] = stages
     else:
-        from passreid.evaluation import evaluate
-
         t0 = time.perf_counter()
         metrics = evaluate(**data, device=args["device"])
         if args["device"].startswith("cuda"):
@@ -206,18 +206,14 @@ def main() -> int:
     ours = _in_fresh_process("passreid", args, ns.queries)
     scale = ns.queries / ns.baseline_queries
     stages = base["stages"]
-    common = stages["distance"] + stages["argsort"] + stages["matches"]
-    baseline_s = (common + stages["loop_published_ap"]) * scale
-    baseline_vec_s = (common + stages["loop_vectorised_ap"]) * scale
+    baseline_s = sum(stages.values()) * scale
     result: dict[str, Any] = {
         "queries": ns.queries,
         "gallery": ns.gallery,
         "dim": ns.dim,
         "passreid_s": round(ours["seconds"], 2),
         "baseline_s": round(baseline_s, 2),
-        "baseline_vectorised_ap_s": round(baseline_vec_s, 2),
         "speedup": round(baseline_s / ours["seconds"], 2),
-        "speedup_vs_vectorised_ap": round(baseline_vec_s / ours["seconds"], 2),
         "passreid_peak_rss_delta_mb": round(ours["rss_peak_delta_mb"], 1),
         "passreid_peak_rss_mb": round(ours["rss_peak_mb"], 1),
         "baseline_subset_queries": ns.baseline_queries,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from passreid.errors import DatasetError
-from passreid.evaluation import compute_distance, evaluate, evaluate_distmat, format_metrics
+from passreid.evaluation import compute_distance, distance_chunks, evaluate, evaluate_distmat, format_metrics
 
 # ----------------------------------------------------------------------------- hand-computed case
 # Gallery   g0      g1      g2      g3      g4      g5
@@ -193,6 +193,13 @@ def test_compute_distance_values() -> None:
     assert compute_distance(q[:2], q[:2]).diagonal().tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="metric"):
         compute_distance(q, g, metric="manhattan")  # type: ignore[arg-type]
+
+
+def test_distance_chunks_are_the_dense_matrix_in_pieces() -> None:
+    qf, gf, *_ = random_split(2, num_q=11)
+    chunks = list(distance_chunks(qf, gf, metric="cosine", chunk_size=4))
+    assert [start for start, _ in chunks] == [0, 4, 8] and chunks[-1][1].shape == (3, 230)
+    assert torch.equal(torch.cat([block for _, block in chunks]), compute_distance(qf, gf, metric="cosine"))
 
 
 def test_rerank_option_evaluates_the_re_ranked_distance() -> None:
