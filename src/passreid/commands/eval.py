@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     feats.add_argument("--gallery-features", metavar="G.npz")
     parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
     parser.add_argument("--json", metavar="OUT", help="write the metrics JSON here")
+    parser.add_argument("--plot", metavar="CMC.png", help="write the CMC curve as a PNG")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,4 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    if args.plot:
+        from passreid.visualize import plot_cmc
+
+        print(f"wrote the CMC curve to {plot_cmc(metrics['cmc'], args.plot)}")
     return 0
