@@ -1,0 +1,43 @@
+"""``passreid usl``: unsupervised ReID by cluster contrast, from a pretrained backbone (DESIGN §5).
+
+``passreid uda`` (commands/uda.py) is the same loop from a source fine-tuned
+model and shares the arguments and the runner defined here.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from passreid import cluster  # noqa: F401  (registers the demo stage)
+
+NAME = "usl"
+HELP = "unsupervised ReID: cluster contrast on an unlabelled train split, from a pretrained backbone"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``CONFIG [key.sub=value ...] [--resume [CKPT]] [--force-resume]``."""
+    parser.add_argument("config", metavar="CONFIG", help="recipe YAML, e.g. configs/usl/market_vit_small.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. cluster.eps=0.5")
+    parser.add_argument("--resume", nargs="?", const="", metavar="CKPT",
+                        help="continue a run: from CKPT, or without a path from <run.output_dir>/last.pth")
+    parser.add_argument("--force-resume", action="store_true", help="resume even if the config changed")
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> int:
+    """Load the recipe, run cluster contrast in ``mode`` (usl or uda) and print where the model went."""
+    from passreid.cluster import ClusterConfig, run_cluster
+    from passreid.config import load_config
+
+    cfg = load_config(ClusterConfig, args.config, args.overrides)
+    result = run_cluster(cfg, mode=mode, resume=args.resume, force_resume=args.force_resume)
+    if result["stopped"]:
+        print(f"stopped early; continue with: passreid {mode} {args.config} --resume "
+              f"(checkpoint {result['run_dir']}/last.pth)")
+    elif result["model"] is not None:
+        print(f"best mAP {100 * result['best_mAP']:.1f}% at epoch {result['best_epoch']}; "
+              f"model exported to {result['model']}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_mode(args, "usl")

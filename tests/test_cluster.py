@@ -1,0 +1,144 @@
+"""Cluster contrast (DESIGN §5): pseudo labels, cluster memory, recipes, a short USL run and its resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from passreid.cluster import (
+    ClusterConfig,
+    ClusterMemory,
+    cluster_centroids,
+    cluster_stats,
+    pseudo_labels,
+)
+from passreid.config import load_config
+from passreid.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def blobs(num_groups: int = 6, size: int = 12, dim: int = 32, noise: float = 0.05,
+          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit features around ``num_groups`` random directions (nearly orthogonal in 32-d), and their group."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((num_groups, dim))
+    groups = np.repeat(np.arange(num_groups), size)
+    feats = centers[groups] / np.linalg.norm(centers[groups], axis=1, keepdims=True)
+    feats = feats + noise * rng.standard_normal(feats.shape)
+    return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32), groups
+
+
+# ----------------------------------------------------------------------------- pseudo labels
+
+
+def test_pseudo_labels_recover_well_separated_groups():
+    feats, groups = blobs()
+    feats[:5] = feats[0]  # exact duplicates sit at Jaccard distance 0: stored zeros must count as neighbours
+    labels = pseudo_labels(feats, eps=0.5, min_samples=4, k1=10, k2=4)
+    assert (labels >= 0).all()
+    assert labels.max() + 1 == 6
+    assert adjusted_rand_score(groups, labels) == 1.0
+
+
+def test_scattered_points_are_outliers():
+    feats, groups = blobs(num_groups=3, size=10)
+    rng = np.random.default_rng(1)
+    lonely = rng.standard_normal((4, feats.shape[1])).astype(np.float32)
+    lonely /= np.linalg.norm(lonely, axis=1, keepdims=True)
+    # k2=1: no query expansion, which would lend a lonely point its neighbours' encodings
+    labels = pseudo_labels(np.concatenate([feats, lonely]), eps=0.5, min_samples=4, k1=8, k2=1)
+    assert (labels[-4:] == -1).all()
+    kept = labels[:-4] >= 0
+    assert kept.mean() > 0.8
+    assert adjusted_rand_score(groups[kept], labels[:-4][kept]) == 1.0
+    assert cluster_stats(labels) == {"num_clusters": 3, "outlier_fraction": float((labels < 0).mean())}
+
+
+def test_centroids_are_normalised_means_without_outliers():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [5.0, 5.0]])
+    labels = torch.tensor([0, 0, 1, -1])
+    expected = torch.tensor([[1 / math.sqrt(2), 1 / math.sqrt(2)], [0.0, 1.0]])
+    assert torch.allclose(cluster_centroids(feats, labels), expected)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def hand_memory(mode: str) -> ClusterMemory:
+    memory = ClusterMemory(num_features=2, num_clusters=3, temp=0.5, momentum=0.2, mode=mode)
+    memory.centroids.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    return memory
+
+
+def test_memory_loss_equals_hand_computed_value():
+    memory = hand_memory("hard")
+    x = torch.tensor([[3.0, 4.0]], requires_grad=True)  # normalised: (0.6, 0.8)
+    loss = memory(x, torch.tensor([1]))
+    # logits = (0.6, 0.8, -0.6) / 0.5 = (1.2, 1.6, -1.2); CE for class 1
+    expected = -1.6 + math.log(math.exp(1.2) + math.exp(1.6) + math.exp(-1.2))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    assert x.grad is not None and not memory.centroids.requires_grad
+
+
+# Batch: cluster 0 gets x_a = 2 * (0.8, 0.6) (similarity 0.8 to its centroid (1, 0)) then
+# x_b = (0.6, 0.8) (similarity 0.6, the hardest); cluster 1 gets (-0.6, 0.8); cluster 2 is absent.
+# hard:     normalize(0.2 * (1, 0) + 0.8 * x_b) = normalize(0.68, 0.64)
+# mean:     normalize(0.2 * (1, 0) + 0.8 * (0.7, 0.7)) = normalize(0.76, 0.56)
+# instance: m = normalize(0.2 * (1, 0) + 0.8 * (0.8, 0.6)) = (0.868243, 0.496139), then
+#           normalize(0.2 * m + 0.8 * x_b) = normalize(0.653649, 0.739228)
+@pytest.mark.parametrize("mode, cluster0", [
+    ("hard", (0.728200, 0.685365)),
+    ("mean", (0.805056, 0.593199)),
+    ("instance", (0.662413, 0.749139)),
+])
+def test_memory_update_follows_its_formula(mode, cluster0):
+    memory = hand_memory(mode)
+    batch = torch.tensor([[1.6, 1.2], [-0.6, 0.8], [0.6, 0.8]])
+    memory.update(batch, torch.tensor([0, 1, 0]))
+    expected = torch.tensor([cluster0, (-0.496139, 0.868243), (-1.0, 0.0)])
+    assert torch.allclose(memory.centroids, expected, atol=1e-5)
+
+
+def test_memory_from_features_starts_at_the_cluster_means():
+    feats, groups = blobs(num_groups=4, size=5)
+    memory = ClusterMemory.from_features(torch.from_numpy(feats), torch.from_numpy(groups), mode="mean")
+    assert memory.num_clusters == 4
+    means = torch.stack([torch.from_numpy(feats[groups == c]).mean(0) for c in range(4)])
+    assert torch.allclose(memory.centroids, torch.nn.functional.normalize(means, dim=1), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("recipe, dataset, fusion, neck, eps", [
+    ("usl/market_vit_small.yaml", "market1501", "cat", "single", 0.6),
+    ("usl/msmt17_vit_small.yaml", "msmt17", "mean", "single", 0.7),
+    ("uda/msmt17_to_market_vit_small.yaml", "market1501", "cat", "multi", 0.6),
+    ("uda/market_to_msmt17_vit_small.yaml", "msmt17", "mean", "multi", 0.7),
+])
+def test_recipes_are_the_published_rows(recipe, dataset, fusion, neck, eps):
+    cfg = load_config(ClusterConfig, CONFIGS / recipe)
+    assert (cfg.data.dataset, cfg.model.fusion, cfg.model.neck, cfg.cluster.eps) == (dataset, fusion, neck, eps)
+    assert (cfg.cluster.k1, cfg.cluster.k2, cfg.cluster.min_samples, cfg.cluster.temp, cfg.cluster.momentum) == (
+        30, 6, 4, 0.05, 0.2)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.batch_size, cfg.optim.num_instances, cfg.optim.iters) == (
+        "sgd", 3.5e-4, 256, 8, 200)
+    assert (cfg.run.epochs, cfg.optim.step_size, cfg.model.drop_path_rate, cfg.data.img_size) == (50, 20, 0.3,
+                                                                                                   [256, 128])
+
+
+def test_config_refuses_the_before_neck_feature():
+    with pytest.raises(ConfigError, match="model.test_feature"):
+        load_config(ClusterConfig, CONFIGS / "usl/market_vit_small.yaml", ["model.test_feature=before"])
+
+
+def test_config_refuses_a_batch_that_splits_a_pseudo_identity():
+    with pytest.raises(ConfigError, match="optim.batch_size"):
+        load_config(ClusterConfig, None, ["optim.batch_size=250"])
