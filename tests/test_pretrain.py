@@ -377,3 +377,11 @@ def test_pretrain_net_state_dict_has_published_prefixes() -> None:
     assert isinstance(student, PassPretrainNet)
     assert all(k.startswith(("backbone.", "head.")) for k in keys)
     assert "backbone.part_token1" in keys and "head.heads.part3.last_layer.weight_v" in keys
+
+
+def test_compact_records_round_trip() -> None:
+    from passreid.data.datasets import ImageRecord
+
+    paths = ["/data/a.jpg", "/data/sub dir/bé.png", "/x/" + "y" * 200 + ".jpg"]
+    records = pretrain.CompactRecords([ImageRecord(p, -1, -1) for p in paths])
+    assert len(records) == 3 and [r.path for r in records] == paths and records[1] == ImageRecord(paths[1], -1, -1)

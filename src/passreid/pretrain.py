@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -24,13 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from passreid.config import RunConfig, check_choice, check_img_size, check_positive, config_to_dict, config_to_yaml
-from passreid.data.multicrop import BANDS, MultiCrop, MultiCropSpec, build_multicrop
+from passreid.data.datasets import ImageRecord
+from passreid.data.multicrop import MultiCrop, MultiCropSpec, build_multicrop
 from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, register_demo_stage
 from passreid.engine import (
     DistInfo,
@@ -72,6 +75,9 @@ MODES = ("pass", "dino")
 class PretrainDataConfig:
     """The unlabeled image folder and how it is read.
 
+    ``index_file`` (relative paths are taken from ``root``) lists the images once
+    so that later runs need not walk millions of files; ``limit`` keeps the first N
+    images, ``filter_list`` only those it names (0 / "" : off).
     ``img_size`` is the global-view size, i.e. the backbone's input size.
     ``batch_size`` is the total over all processes (the published 1024 for
     ViT-S is 8 GPUs x 128); the learning rate scales with it.
@@ -285,7 +291,8 @@ def build_networks(model_cfg: PretrainModelConfig, img_size: Sequence[int]) -> t
     student, teacher = nets
     if num_tokens == 1:
         # Unused in the ablation: keep them out of the optimiser (and of DDP's gradient reduction).
-        for name in (*(f"part_token{k}" for k in range(1, 4)), *(f"part{k}_pos" for k in range(1, 4))):
+        parts = range(1, NUM_PARTS + 1)
+        for name in (*(f"part_token{k}" for k in parts), *(f"part{k}_pos" for k in parts)):
             getattr(student.backbone, name).requires_grad_(False)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
@@ -402,27 +409,48 @@ class EpochSampler(Sampler[int]):
         return max(0, self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
-def build_loader(cfg: PretrainConfig, info: DistInfo, multicrop: MultiCrop) -> tuple[DataLoader, EpochSampler, Any]:
-    """The image-folder loader of this rank, the sampler, and the data set (for its fingerprint)."""
-    from passreid.data.datasets import ImageFolderDataset
+class CompactRecords(Sequence[ImageRecord]):
+    """Unlabeled image records kept as one numpy byte-string array.
+
+    A Python list of millions of records is copied page by page into every
+    loader worker as reference counts change (copy-on-write); one array is not.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord]) -> None:
+        self._paths = np.array([os.fsencode(r.path) for r in records])
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> ImageRecord:  # type: ignore[override]
+        return ImageRecord(os.fsdecode(self._paths[index]), -1, -1)
+
+
+def build_loader(cfg: PretrainConfig, info: DistInfo, multicrop: MultiCrop) -> tuple[DataLoader, EpochSampler,
+                                                                                     dict[str, Any]]:
+    """This rank's loader over the image folder, its sampler, and the folder's fingerprint."""
+    from passreid.data.datasets import ImageFolderDataset, dataset_fingerprint
     from passreid.data.images import ImageDataset
 
     data = cfg.data
     if data.batch_size % info.world_size:
         raise ConfigError(f"config key 'data.batch_size': {data.batch_size} (total) does not split into "
                           f"{info.world_size} processes")
-    folder = ImageFolderDataset(data.root, index_file=data.index_file or None, limit=data.limit or None,
+    index = Path(data.root) / data.index_file if data.index_file else None
+    folder = ImageFolderDataset(data.root, index_file=index, limit=data.limit or None,
                                 filter_list=data.filter_list or None)
+    fingerprint = dataset_fingerprint(folder.records, data.root)
+    records = CompactRecords(folder.records)
+    del folder
     per_rank = data.batch_size // info.world_size
-    sampler = EpochSampler(len(folder.records), per_rank, seed=cfg.run.seed, rank=info.rank,
-                           world_size=info.world_size)
+    sampler = EpochSampler(len(records), per_rank, seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)
     if sampler.batches_per_epoch == 0:
-        raise ConfigError(f"config key 'data.batch_size': {data.batch_size} is more than the {len(folder.records)} "
+        raise ConfigError(f"config key 'data.batch_size': {data.batch_size} is more than the {len(records)} "
                           f"images under {data.root}")
-    dataset = ImageDataset(folder.records, transform=multicrop.image_transform(), skip_corrupt=data.skip_corrupt)
+    dataset = ImageDataset(records, transform=multicrop.image_transform(), skip_corrupt=data.skip_corrupt)
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=data.num_workers,
                         collate_fn=multicrop.collate, pin_memory=info.device.type == "cuda", drop_last=True)
-    return loader, sampler, folder
+    return loader, sampler, fingerprint
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -444,6 +472,10 @@ class PretrainState:
     clip_grad: float = 3.0
     freeze_last_layer_epochs: int = 1
     skip_nonfinite: bool = False
+    student_params: list[Tensor] = field(init=False)
+    teacher_params: list[Tensor] = field(init=False)
+    trainable: list[Tensor] = field(init=False)
+    last_layer: list[Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
         student = unwrap(self.student)
@@ -700,10 +732,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
 
         precision = resolve_precision(cfg.run.precision, info.device)
         multicrop = build_multicrop(cfg.aug.backend, cfg.multicrop_spec(), tuple(cfg.aug.decode_size))
-        loader, sampler, folder = build_loader(cfg, info, multicrop)
-        from passreid.data.datasets import dataset_fingerprint
-
-        fingerprint = dataset_fingerprint(folder.records, cfg.data.root)
+        loader, sampler, fingerprint = build_loader(cfg, info, multicrop)
         if ckpt is not None:
             _check_fingerprint(ckpt, fingerprint, resume_path, force_resume)
         ipe = sampler.batches_per_epoch
@@ -760,7 +789,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         if info.is_main:
             logger.info("%s pretraining %s (depth %d) on %d images for %d epochs x %d steps, %d x %s, %s, "
                         "batch %d, peak lr %.2e, views made on %s by the %s backend",
-                        cfg.model.mode.upper(), cfg.model.name, cfg.model.depth, len(folder.records), cfg.run.epochs,
+                        cfg.model.mode.upper(), cfg.model.name, cfg.model.depth, len(loader.dataset), cfg.run.epochs,
                         ipe, info.world_size, info.device, precision, cfg.data.batch_size, schedule.peak_lr,
                         "the device" if cfg.aug.backend == "gpu" else "the loader workers", cfg.aug.backend)
 
