@@ -357,7 +357,7 @@ def train_one_epoch(
             scaler.update()
             sums += row
             steps += 1
-            if run_dir is not None and (global_step + steps) % log_every == 0:
+            if run_dir is not None and run_dir.is_main and (global_step + steps) % log_every == 0:
                 run_dir.add_scalars({"loss": float(row[0]), "lr": optimizer.param_groups[0]["lr"]},
                                     global_step + steps, prefix="train/")
                 if bar is None:
@@ -427,6 +427,32 @@ def export_model(run_dir: RunDir, state: dict[str, torch.Tensor], config: dict[s
     return path
 
 
+@dataclass
+class RunProgress:
+    """Where a run stands beyond the model and optimizer states; stored in ``last.pth`` for ``--resume``.
+
+    ``epoch`` is the last completed epoch and ``step`` the batches already
+    trained of the next one (non-zero only after a stop inside an epoch).
+    """
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    best_mAP: float = -1.0
+    best_epoch: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+    def as_extra(self) -> dict[str, Any]:
+        return {"resume_step": self.step, "global_step": self.global_step, "best_mAP": self.best_mAP,
+                "best_epoch": self.best_epoch, "last_metrics": dict(self.last_metrics)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> RunProgress:
+        return cls(epoch=int(ckpt["epoch"]), step=int(ckpt.get("resume_step", 0)),
+                   global_step=int(ckpt.get("global_step", 0)), best_mAP=float(ckpt.get("best_mAP", -1.0)),
+                   best_epoch=int(ckpt.get("best_epoch", 0)), last_metrics=dict(ckpt.get("last_metrics") or {}))
+
+
 def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: bool = False,
                  progress: bool = False) -> dict[str, Any]:
     """Fine-tune a ReID model on ``cfg.data`` and evaluate it; one process or one per GPU under ``torchrun``.
@@ -452,7 +478,6 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
     step and the last good checkpoint (or skips the step with ``run.skip_nonfinite``).
     """
     from passreid.data.datasets import build_dataset, dataset_fingerprint
-    from passreid.features import evaluate_model
 
     info = setup_distributed(cfg.run.device)
     try:
@@ -480,25 +505,14 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
                              label_smoothing=cfg.loss.label_smoothing, triplet_margin=cfg.loss.triplet_margin)
         loader, sampler = build_train_loader(dataset.train, cfg, info)
 
-        start_epoch, start_step, global_step = 1, 0, 0
-        best = {"mAP": -1.0, "epoch": 0}
-        last_metrics: dict[str, float] = {}
+        state = RunProgress()
         if ckpt is not None:
-            start_epoch = restore_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
-                                                 scaler=scaler)
-            per_rank = ckpt.get("rng_per_rank")
-            if per_rank is not None and len(per_rank) == info.world_size:
-                restore_rng_state(per_rank[info.rank])
-            elif info.distributed:
-                logger.warning("%s was written by %s process(es), this run has %d: random streams are not restored "
-                               "per rank", resume_path, len(per_rank) if per_rank else 1, info.world_size)
-            start_step = int(ckpt.get("resume_step", 0))
-            global_step = int(ckpt.get("global_step", 0))
-            best = {"mAP": float(ckpt.get("best_mAP", -1.0)), "epoch": int(ckpt.get("best_epoch", 0))}
-            last_metrics = dict(ckpt.get("last_metrics") or {})
-            run_dir.truncate_metrics(start_epoch - 1)
-            logger.info("resumed from %s at epoch %d%s", resume_path, start_epoch,
-                        f", step {start_step}" if start_step else "")
+            restore_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            _restore_rank_rng(ckpt, info, resume_path)
+            state = RunProgress.from_checkpoint(ckpt)
+            run_dir.truncate_metrics(state.epoch)
+            logger.info("resumed from %s after epoch %d%s", resume_path, state.epoch,
+                        f" and {state.step} steps of the next" if state.step else "")
         else:
             run_dir.write_config(config_to_yaml(cfg))
         if info.distributed:
@@ -513,64 +527,51 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
                         cfg.optim.batch_size, cfg.optim.batch_size // cfg.optim.num_instances,
                         cfg.optim.num_instances)
 
-        def save_last(epoch_done: int, resume_step: int) -> None:
-            rng_all = _rng_of_every_rank(info)
+        def save_last() -> None:
+            rng_all = _rng_of_every_rank(info)  # a collective: every rank takes part
             if info.is_main:
-                save_training_checkpoint(
-                    run_dir.last, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                    epoch=epoch_done, config=config, fingerprint=fingerprint,
-                    extra={"resume_step": resume_step, "global_step": global_step, "best_mAP": best["mAP"],
-                           "best_epoch": best["epoch"], "last_metrics": last_metrics, "rng_per_rank": rng_all},
-                )
+                save_training_checkpoint(run_dir.last, model=model, optimizer=optimizer, scheduler=scheduler,
+                                         scaler=scaler, epoch=state.epoch, config=config, fingerprint=fingerprint,
+                                         extra={**state.as_extra(), "rng_per_rank": rng_all})
 
         stopped = False
-        completed, stop_step = start_epoch - 1, 0
         with GracefulStop() as stop:
-            for epoch in range(start_epoch, cfg.run.epochs + 1):
+            for epoch in range(state.epoch + 1, cfg.run.epochs + 1):
                 t0 = time.perf_counter()
-                sampler.set_epoch(epoch, start_batch=start_step)
+                sampler.set_epoch(epoch, start_batch=state.step)
                 scheduler.set_epoch(epoch)
-                budget = cfg.run.max_iters_per_epoch - start_step if cfg.run.max_iters_per_epoch else 0
+                budget = cfg.run.max_iters_per_epoch - state.step if cfg.run.max_iters_per_epoch else 0
                 with explain_oom(cfg.optim.batch_size // info.world_size):
                     stats = train_one_epoch(
                         model, loader, criterion, optimizer, scaler, epoch=epoch, device=info.device,
                         precision=precision, max_steps=budget, stop=stop, skip_nonfinite=cfg.run.skip_nonfinite,
-                        last_checkpoint=run_dir.last, run_dir=run_dir, global_step=global_step,
+                        last_checkpoint=run_dir.last, run_dir=run_dir, global_step=state.global_step,
                         log_every=cfg.run.log_every, progress=progress and info.is_main,
                     )
                 done = int(stats["steps"] + stats["skipped"])
-                global_step += done
+                state.global_step += done
                 if stats["stopped"]:
-                    stop_step = start_step + done
-                    save_last(epoch - 1, stop_step)
+                    state.step += done
+                    save_last()
                     stopped = True
-                    logger.warning("stopped in epoch %d after step %d; %s holds the run", epoch, start_step + done,
+                    logger.warning("stopped in epoch %d after step %d; %s holds the run", epoch, state.step,
                                    run_dir.last)
                     break
-                start_step = 0
                 record: dict[str, Any] = {"epoch": epoch, **{k: v for k, v in stats.items() if k != "stopped"}}
+                if info.is_main and "loss" in stats:
+                    logger.info("epoch %d/%d: loss %.4f (id %.4f, triplet %.4f) acc %.3f lr %.2e, %.0f images/s",
+                                epoch, cfg.run.epochs, stats["loss"], stats["id_loss"], stats["triplet_loss"],
+                                stats["acc"], stats["lr"], stats["images_per_s"])
                 if epoch % cfg.run.eval_every == 0 or epoch == cfg.run.epochs:
                     if info.is_main:
-                        metrics = evaluate_model(unwrap(model), dataset, img_size=cfg.data.img_size,
-                                                 device=info.device, batch_size=cfg.test.batch_size,
-                                                 num_workers=cfg.data.num_workers, flip=cfg.test.flip,
-                                                 precision=precision)
-                        last_metrics = _eval_record(metrics)
-                        record.update(last_metrics)
-                        if last_metrics["mAP"] > best["mAP"]:
-                            best = {"mAP": last_metrics["mAP"], "epoch": epoch}
-                            save_training_checkpoint(run_dir.best, model=model, optimizer=None, scheduler=None,
-                                                     scaler=None, epoch=epoch, config=config,
-                                                     fingerprint=fingerprint, extra={"metrics": last_metrics})
-                        logger.info("epoch %d: mAP %.2f%% R1 %.2f%% (best %.2f%% at epoch %d)", epoch,
-                                    100 * last_metrics["mAP"], 100 * last_metrics.get("rank1", 0.0),
-                                    100 * best["mAP"], best["epoch"])
+                        record.update(_evaluate_and_keep_best(unwrap(model), dataset, cfg, state, epoch, run_dir,
+                                                              info.device, precision, config, fingerprint))
                     if info.distributed:
                         dist.barrier()
                 record["seconds"] = time.perf_counter() - t0
                 run_dir.log_metrics(record)
-                save_last(epoch, 0)
-                completed = epoch
+                state.epoch, state.step = epoch, 0
+                save_last()
                 if _agree(torch.zeros((), device=info.device), stop)[1]:
                     stopped = epoch < cfg.run.epochs
                     if stopped:
@@ -582,12 +583,43 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
             from passreid.checkpoint import safe_load
 
             model_path = export_model(run_dir, safe_load(run_dir.best)["model"], config, fingerprint)
-            logger.info("best mAP %.2f%% at epoch %d; exported %s", 100 * best["mAP"], best["epoch"], model_path)
+            logger.info("best mAP %.2f%% at epoch %d; exported %s", 100 * state.best_mAP, state.best_epoch,
+                        model_path)
         run_dir.close()
-        return {"best_mAP": best["mAP"], "best_epoch": best["epoch"], "metrics": last_metrics, "epoch": completed,
-                "step": stop_step, "model": model_path, "run_dir": run_dir.path, "stopped": stopped}
+        return {"best_mAP": state.best_mAP, "best_epoch": state.best_epoch, "metrics": state.last_metrics,
+                "epoch": state.epoch, "step": state.step, "model": model_path, "run_dir": run_dir.path,
+                "stopped": stopped}
     finally:
         cleanup_distributed()
+
+
+def _restore_rank_rng(ckpt: dict[str, Any], info: DistInfo, path: Path | None) -> None:
+    """Give each rank its own saved random streams (the checkpoint's ``rng`` is rank 0's)."""
+    per_rank = ckpt.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == info.world_size:
+        restore_rng_state(per_rank[info.rank])
+    elif info.distributed:
+        logger.warning("%s was written by %d process(es), this run has %d: random streams are not restored per rank",
+                       path, len(per_rank) if per_rank else 1, info.world_size)
+
+
+def _evaluate_and_keep_best(model: nn.Module, dataset: ReIDDataset, cfg: FinetuneConfig, state: RunProgress,
+                            epoch: int, run_dir: RunDir, device: torch.device, precision: str,
+                            config: dict[str, Any], fingerprint: dict[str, Any]) -> dict[str, float]:
+    """Evaluate on query/gallery, update ``state`` and write ``best.pth`` on a new best mAP; returns the metrics."""
+    from passreid.features import evaluate_model
+
+    metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=device,
+                             batch_size=cfg.test.batch_size, num_workers=cfg.data.num_workers, flip=cfg.test.flip,
+                             precision=precision)
+    state.last_metrics = _eval_record(metrics)
+    if state.last_metrics["mAP"] > state.best_mAP:
+        state.best_mAP, state.best_epoch = state.last_metrics["mAP"], epoch
+        save_training_checkpoint(run_dir.best, model=model, optimizer=None, scheduler=None, scaler=None, epoch=epoch,
+                                 config=config, fingerprint=fingerprint, extra={"metrics": state.last_metrics})
+    logger.info("epoch %d: mAP %.2f%% R1 %.2f%% (best %.2f%% at epoch %d)", epoch, 100 * state.last_metrics["mAP"],
+                100 * state.last_metrics.get("rank1", 0.0), 100 * state.best_mAP, state.best_epoch)
+    return state.last_metrics
 
 
 def _check_fingerprint(ckpt: dict[str, Any], fingerprint: dict[str, Any], path: Path | None, force: bool) -> None:
@@ -637,7 +669,15 @@ def finetune_for_demo(ctx: DemoContext, name: str, pretrained: str | None = None
     to ``ctx.state[f"{name}_checkpoint"]``.
     """
     start = time.perf_counter()
-    result = run_finetune(demo_config(ctx, name, pretrained))
+    cfg = demo_config(ctx, name, pretrained)
+    threads = torch.get_num_threads()
+    # Leave a core to each loader worker: tiny-model kernels gain little from a second
+    # thread, and oversubscribed cores make their thread pool spin (several times slower).
+    torch.set_num_threads(max(1, threads - cfg.data.num_workers))
+    try:
+        result = run_finetune(cfg)
+    finally:
+        torch.set_num_threads(threads)
     ctx.state["finetuned_checkpoint"] = result["model"]
     ctx.state[f"{name}_checkpoint"] = result["model"]
     metrics = {"mAP": result["metrics"]["mAP"], "cmc": [result["metrics"]["rank1"]]}
