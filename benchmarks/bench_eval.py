@@ -21,10 +21,16 @@ resident set (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs
 BLAS buffers alike; for the baseline ``tracemalloc``'s peak (numpy allocations only) is
 reported as well.
 
+Both sides multiply matrices with numpy's BLAS. ``--threads`` sets torch's CPU threads
+for passreid's ranking ops: on a machine shared with other busy processes, two OpenMP
+threads wait on each other at every op, and ``--threads 1`` shows the algorithms'
+cost without that penalty (the published loop is single-threaded numpy).
+
 Prints one JSON line. Example::
 
     python benchmarks/bench_eval.py --check
     python benchmarks/bench_eval.py --quick --check
+    python benchmarks/bench_eval.py --device cuda
 """
 
 from __future__ import annotations
@@ -194,7 +200,7 @@ def main() -> int:
     parser.add_argument("--cams", type=int, default=15)
     parser.add_argument("--baseline-queries", type=int, default=1000, help="query subset the baseline runs on")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--check", action="store_true", help="verify both give the same metrics on the subset")
     ns = parser.parse_args()
