@@ -50,6 +50,10 @@ def test_defaults_then_yaml_chain_then_overrides(tmp_path):
     assert isinstance(cfg, Schema) and isinstance(cfg.optim, Optim)
 
 
+def test_empty_override_is_the_empty_string():
+    assert load_config(Schema, None, ["model.pretrained=/a.pth", "model.pretrained="]).model.pretrained == ""
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(Schema, None, ["optim.lr=0.01", "model.neck=single"])
     saved = write(tmp_path / "resolved.yaml", config_to_yaml(cfg))

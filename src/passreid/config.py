@@ -164,6 +164,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
+        if item.endswith("="):  # `key=` means the empty string, not None
+            item += "''"
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
