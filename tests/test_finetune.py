@@ -264,7 +264,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(synth, tmp_path, mon
         return (total * float("nan"), parts) if calls["n"] == 2 else (total, parts)
 
     monkeypatch.setattr(finetune.ReIDLoss, "forward", forward)
-    with pytest.raises(TrainingError, match=r"epoch 1, step 1.*none written yet"):
+    with pytest.raises(TrainingError, match=r"epoch 1, step 2.*none written yet"):
         run_finetune(tiny_config(synth, tmp_path / "strict", "run.epochs=1"))
     calls["n"] = 0
     result = run_finetune(tiny_config(synth, tmp_path / "skip", "run.epochs=1", "run.skip_nonfinite=true"))

@@ -259,8 +259,11 @@ def build_train_loader(
 ) -> tuple[DataLoader, RandomIdentitySampler]:
     """P x K loader of this rank with the recipe's augmentation (resize, flip, pad + crop, random erasing).
 
-    Workers are not persistent: each epoch's loader draws its worker seeds from
-    the (checkpointed) torch RNG, which keeps ``--resume`` exact.
+    The loader has its own generator, re-seeded from (seed, rank, epoch) at every
+    epoch (:func:`seed_loader`): creating an epoch's iterator then takes nothing
+    from the global torch RNG, so a run stopped inside an epoch resumes to the
+    same weights with ``num_workers=0`` (with workers, their augmentation streams
+    restart at the resumed step, so that case is exact only at epoch boundaries).
     """
     from passreid.data.images import ImageDataset
     from passreid.data.transforms import build_train_transform
@@ -276,8 +279,14 @@ def build_train_loader(
     sampler = RandomIdentitySampler([r.pid for r in records], cfg.optim.batch_size, cfg.optim.num_instances,
                                     seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)
     loader = DataLoader(dataset, batch_size=sampler.batch_size_per_rank, sampler=sampler,
-                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", drop_last=True)
+                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", drop_last=True,
+                        generator=torch.Generator())
     return loader, sampler
+
+
+def seed_loader(loader: DataLoader, seed: int, rank: int, epoch: int) -> None:
+    """Fix the worker seeds of ``epoch`` independently of the global RNG (see :func:`build_train_loader`)."""
+    loader.generator.manual_seed(((seed * 1000 + rank) * 100_000 + epoch) % 2**63)
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -351,7 +360,7 @@ def train_one_epoch(
         zero = loss.new_zeros((), dtype=torch.float32)
         row = torch.stack([loss_value.float(), parts.get("id", zero).float(), parts.get("triplet", zero).float(),
                            acc.detach().float()]).double().cpu()
-        if loss_is_finite(row[0], step=steps + skipped, epoch=epoch, last_checkpoint=last_checkpoint,
+        if loss_is_finite(row[0], step=steps + skipped + 1, epoch=epoch, last_checkpoint=last_checkpoint,
                           skip=skip_nonfinite):
             scaler.step(optimizer)
             scaler.update()
@@ -539,6 +548,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
             for epoch in range(state.epoch + 1, cfg.run.epochs + 1):
                 t0 = time.perf_counter()
                 sampler.set_epoch(epoch, start_batch=state.step)
+                seed_loader(loader, cfg.run.seed, info.rank, epoch)
                 scheduler.set_epoch(epoch)
                 budget = cfg.run.max_iters_per_epoch - state.step if cfg.run.max_iters_per_epoch else 0
                 with explain_oom(cfg.optim.batch_size // info.world_size):
