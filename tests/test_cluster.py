@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -142,3 +143,125 @@ def test_config_refuses_the_before_neck_feature():
 def test_config_refuses_a_batch_that_splits_a_pseudo_identity():
     with pytest.raises(ConfigError, match="optim.batch_size"):
         load_config(ClusterConfig, None, ["optim.batch_size=250"])
+
+
+# ----------------------------------------------------------------------------- a short USL run
+
+
+PALETTE = np.array([(220, 30, 30), (30, 160, 40), (30, 60, 200), (230, 210, 40), (240, 240, 240), (30, 30, 30),
+                    (150, 60, 170), (240, 130, 30)], dtype=np.float64)
+SIZE = (64, 32)
+
+
+def write_banded_people(root: Path, num_train_ids: int = 12, num_cams: int = 4, per_cam: int = 3,
+                        seed: int = 0) -> None:
+    """A tiny Market-1501-layout set of people drawn as head / upper / lower colour bands.
+
+    Cameras change gain and colour cast, every image gets pixel noise and jittered
+    band borders. The test identities wear the train identities' clothes, so what
+    a short run learns from its pseudo labels is exactly what the evaluation
+    measures (a few dozen steps cannot teach a ViT colours it has never seen).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    combos = rng.permutation(len(PALETTE) ** 3)[:num_train_ids]
+    gains = rng.uniform(0.7, 1.2, num_cams)
+    casts = rng.normal(0.0, 40.0, (num_cams, 3))
+    for sub in ("bounding_box_train", "bounding_box_test", "query"):
+        (root / sub).mkdir(parents=True)
+    frame = 0
+    for pid in range(1, 2 * num_train_ids + 1):
+        code = int(combos[(pid - 1) % num_train_ids])
+        colors = PALETTE[[code // 64, code // 8 % 8, code % 8]]
+        for cam in range(num_cams):
+            for k in range(per_cam):
+                frame += 1
+                cut = np.array([16, 40]) + rng.integers(-3, 4, 2)
+                img = np.empty((*SIZE, 3))
+                img[: cut[0]], img[cut[0] : cut[1]], img[cut[1] :] = colors
+                img = img * gains[cam] + casts[cam] + rng.normal(0.0, 10.0, img.shape)
+                sub = "bounding_box_train" if pid <= num_train_ids else ("query" if k == 0 else "bounding_box_test")
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+                    root / sub / f"{pid:04d}_c{cam + 1}s1_{frame:06d}_00.jpg")
+
+
+@pytest.fixture(scope="module")
+def banded(tmp_path_factory):
+    """The data folder and a randomly initialised tiny backbone saved as the 'pretrained' one."""
+    from passreid.models import create_model
+
+    root = tmp_path_factory.mktemp("banded")
+    write_banded_people(root / "data")
+    torch.manual_seed(0)
+    torch.save(create_model("pass_vit_tiny", img_size=SIZE, depth=2).state_dict(), root / "backbone.pth")
+    return root
+
+
+def tiny_config(root: Path, out: Path, epochs: int, iters: int = 20, eval_every: int = 1) -> ClusterConfig:
+    overrides = [
+        "data.dataset=market1501", f"data.root={root / 'data'}", f"data.img_size=[{SIZE[0]},{SIZE[1]}]",
+        "data.num_workers=0", "model.name=pass_vit_tiny", "model.depth=2", "model.drop_path_rate=0.0",
+        f"model.pretrained={root / 'backbone.pth'}", "model.fusion=cat", "model.neck=multi",
+        f"run.output_dir={out}", f"run.epochs={epochs}", f"run.eval_every={eval_every}", "run.device=cpu",
+        "cluster.eps=0.5", "cluster.k1=10", "cluster.k2=4", "cluster.memory_mode=mean", "cluster.calibrate_necks=true",
+        "optim.name=adamw", "optim.lr=1e-3", "optim.weight_decay=0.05", "optim.batch_size=32",
+        "optim.num_instances=4", f"optim.iters={iters}",
+    ]
+    return load_config(ClusterConfig, None, overrides)
+
+
+def test_short_usl_run_improves_on_its_starting_model_and_exports_it(banded, tmp_path):
+    from passreid.checkpoint import build_model_from_checkpoint
+    from passreid.cluster import build_cluster_model, run_cluster
+    from passreid.data.datasets import build_dataset
+    from passreid.features import evaluate_model
+
+    cfg = tiny_config(banded, tmp_path / "run", epochs=3)
+    dataset = build_dataset("market1501", banded / "data")
+    start = evaluate_model(build_cluster_model(cfg.model, SIZE, mode="usl"), dataset, img_size=SIZE, num_workers=0)
+    result = run_cluster(cfg, mode="usl")
+    assert result["best_mAP"] > start["mAP"] + 0.05
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all(r["num_clusters"] >= 8 and 0 <= r["outlier_fraction"] < 0.5 for r in records)
+    # The export rebuilds as the best model: same layout names, same features, same mAP.
+    model, _ = build_model_from_checkpoint(result["model"])
+    assert any(k.startswith("bottleneck_pt1.") for k in model.state_dict())
+    assert evaluate_model(model, dataset, img_size=SIZE, num_workers=0)["mAP"] == pytest.approx(result["best_mAP"])
+
+
+def test_resumed_run_ends_where_the_uninterrupted_one_does(banded, tmp_path):
+    from passreid.cluster import run_cluster
+    from passreid.engine import load_training_checkpoint
+
+    run_cluster(tiny_config(banded, tmp_path / "full", epochs=2, iters=3), mode="usl")
+    run_cluster(tiny_config(banded, tmp_path / "split", epochs=1, iters=3), mode="usl")
+    with pytest.raises(ConfigError, match="run.epochs"):
+        run_cluster(tiny_config(banded, tmp_path / "split", epochs=2, iters=3), mode="usl", resume="")
+    run_cluster(tiny_config(banded, tmp_path / "split", epochs=2, iters=3), mode="usl", resume="", force_resume=True)
+
+    full = load_training_checkpoint(tmp_path / "full" / "last.pth")
+    split = load_training_checkpoint(tmp_path / "split" / "last.pth")
+    assert full["epoch"] == split["epoch"] == 2
+    for key, value in full["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_uda_command_needs_a_source_model_and_runs_from_one(banded, tmp_path, capsys):
+    from passreid.cli import main
+
+    recipe = str(CONFIGS / "uda/msmt17_to_market_vit_small.yaml")
+    tiny = [f"{k}={v}" for k, v in (
+        ("data.root", banded / "data"), ("data.img_size", f"[{SIZE[0]},{SIZE[1]}]"), ("data.num_workers", 0),
+        ("model.name", "pass_vit_tiny"), ("model.depth", 2), ("run.output_dir", tmp_path / "uda"),
+        ("run.epochs", 1), ("run.device", "cpu"), ("cluster.k1", 10), ("cluster.k2", 4), ("cluster.eps", 0.5),
+        ("optim.batch_size", 32), ("optim.num_instances", 4), ("optim.iters", 2))]
+    assert main(["uda", recipe, *tiny, "model.pretrained="]) == 2
+    assert "model.pretrained" in capsys.readouterr().err
+    assert main(["uda", recipe, *tiny, f"model.pretrained={banded / 'backbone.pth'}"]) == 0
+    assert (tmp_path / "uda" / "model.pth").is_file()
+    assert json.loads((tmp_path / "uda" / "model.json").read_text())["config"]["model"]["fusion"] == "cat"
