@@ -265,3 +265,28 @@ def test_uda_command_needs_a_source_model_and_runs_from_one(banded, tmp_path, ca
     assert main(["uda", recipe, *tiny, f"model.pretrained={banded / 'backbone.pth'}"]) == 0
     assert (tmp_path / "uda" / "model.pth").is_file()
     assert json.loads((tmp_path / "uda" / "model.json").read_text())["config"]["model"]["fusion"] == "cat"
+
+
+def test_train_one_epoch_steps_and_stops_when_asked():
+    from passreid.cluster import build_cluster_model, train_one_epoch
+    from passreid.config import ModelConfig
+    from passreid.engine import GracefulStop
+
+    torch.manual_seed(0)
+    model = build_cluster_model(ModelConfig(name="pass_vit_tiny", depth=1, test_feature="after"), (32, 16),
+                                mode="usl")
+    memory = ClusterMemory(model.feat_dim, 2, mode="hard")
+    memory.centroids.copy_(torch.nn.functional.normalize(torch.randn(2, model.feat_dim), dim=1))
+    before = memory.centroids.clone()
+    batches = iter([(torch.randn(4, 3, 32, 16), torch.tensor([0, 0, 1, 1]))] * 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stop = GracefulStop()
+    stats = train_one_epoch(model, memory, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False), iters=5,
+                            epoch=1, device=torch.device("cpu"))
+    assert stats["iters"] == 5 and not stats["stopped"] and math.isfinite(stats["loss"])
+    assert not torch.equal(memory.centroids, before)
+    stop.requested = True
+    batches = iter([(torch.randn(4, 3, 32, 16), torch.tensor([0, 0, 1, 1]))] * 5)
+    stats = train_one_epoch(model, memory, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False), iters=5,
+                            epoch=2, device=torch.device("cpu"), stop=stop)
+    assert stats["iters"] == 1 and stats["stopped"]
