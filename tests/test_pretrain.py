@@ -385,3 +385,31 @@ def test_compact_records_round_trip() -> None:
     paths = ["/data/a.jpg", "/data/sub dir/bé.png", "/x/" + "y" * 200 + ".jpg"]
     records = pretrain.CompactRecords([ImageRecord(p, -1, -1) for p in paths])
     assert len(records) == 3 and [r.path for r in records] == paths and records[1] == ImageRecord(paths[1], -1, -1)
+
+
+def test_a_signal_mid_epoch_saves_the_position_and_resume_finishes_the_epoch(
+        image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    cfg = tiny_config(image_folder, tmp_path, epochs=1)
+    cfg.data.batch_size, cfg.run.max_iters_per_epoch = 2, 4
+    real = pretrain.train_step
+    calls = {"n": 0}
+
+    def step_then_sigint(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        result = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # GracefulStop turns it into a stop after the next step
+        return result
+
+    monkeypatch.setattr(pretrain, "train_step", step_then_sigint)
+    stopped = run_pretrain(cfg)
+    assert stopped["stopped"] and stopped["backbone"] is None
+    ckpt = safe_load(tmp_path / "last.pth")
+    assert ckpt["epoch"] == 0 and ckpt["resume_step"] == 2
+    monkeypatch.setattr(pretrain, "train_step", real)
+    resumed = run_pretrain(cfg, resume="")
+    assert not resumed["stopped"] and resumed["metrics"]["steps"] == 2  # the two steps the epoch had left
+    assert resumed["backbone"] is not None and safe_load(tmp_path / "last.pth")["epoch"] == 1
