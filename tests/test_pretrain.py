@@ -387,13 +387,18 @@ def test_compact_records_round_trip() -> None:
     assert len(records) == 3 and [r.path for r in records] == paths and records[1] == ImageRecord(paths[1], -1, -1)
 
 
-def test_a_signal_mid_epoch_saves_the_position_and_resume_finishes_the_epoch(
+def test_a_signal_mid_epoch_saves_the_position_and_resume_gives_the_same_weights(
         image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
     import signal
 
-    cfg = tiny_config(image_folder, tmp_path, epochs=1)
-    cfg.data.batch_size, cfg.run.max_iters_per_epoch = 2, 4
+    def config(out: Path) -> PretrainConfig:
+        cfg = tiny_config(image_folder, out, epochs=1)
+        cfg.data.batch_size, cfg.run.max_iters_per_epoch = 2, 4
+        return cfg
+
+    run_pretrain(config(tmp_path / "full"))
+    cfg = config(tmp_path)
     real = pretrain.train_step
     calls = {"n": 0}
 
@@ -413,3 +418,6 @@ def test_a_signal_mid_epoch_saves_the_position_and_resume_finishes_the_epoch(
     resumed = run_pretrain(cfg, resume="")
     assert not resumed["stopped"] and resumed["metrics"]["steps"] == 2  # the two steps the epoch had left
     assert resumed["backbone"] is not None and safe_load(tmp_path / "last.pth")["epoch"] == 1
+    # Same weights as without the stop (batched multi-crop in the main process: every random stream is restored).
+    a, b = _checkpoint_tensors(tmp_path / "full" / "last.pth"), _checkpoint_tensors(tmp_path / "last.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
