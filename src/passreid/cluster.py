@@ -51,6 +51,7 @@ from passreid.engine import (
     RunDir,
     autocast,
     check_resume_config,
+    check_resume_fingerprint,
     cleanup_distributed,
     explain_oom,
     load_training_checkpoint,
@@ -563,7 +564,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
     """
     from passreid.data.datasets import build_dataset, dataset_fingerprint
     from passreid.features import evaluate_model
-    from passreid.finetune import export_model
+    from passreid.engine import export_model
 
     check_choice("mode", mode, MODES)
     info = setup_distributed(cfg.run.device)
@@ -587,6 +588,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         if resume_path is not None:
             ckpt = load_training_checkpoint(resume_path)
             check_resume_config(ckpt["config"], config, force=force_resume)
+            check_resume_fingerprint(ckpt, fingerprint, resume_path, force_resume)
             start_epoch = restore_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
                                                  scaler=scaler)
             best = dict(ckpt.get("best", best))

@@ -284,6 +284,67 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+def gather_rng_states(info: DistInfo) -> list[Any] | None:
+    """Every rank's RNG state, gathered on all ranks (a collective), so rank 0 can store them for an exact
+    DDP resume; None in a single process."""
+    if not info.distributed:
+        return None
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, capture_rng_state())
+    return states
+
+
+def restore_rank_rng(ckpt: dict[str, Any], info: DistInfo, path: Path | None) -> None:
+    """Give each rank its own saved random streams (``rng_per_rank``; the checkpoint's ``rng`` is rank 0's)."""
+    per_rank = ckpt.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == info.world_size:
+        restore_rng_state(per_rank[info.rank])
+    elif info.distributed:
+        logger.warning("%s was written by %d process(es), this run has %d: random streams are not restored per rank",
+                       path, len(per_rank) if per_rank else 1, info.world_size)
+
+
+def agree_across_ranks(loss: torch.Tensor, stop: GracefulStop | None) -> tuple[torch.Tensor, bool]:
+    """The loss averaged over ranks and whether any rank was asked to stop, in one all-reduce,
+    so every rank skips the same non-finite steps and stops at the same step (DDP lock-step)."""
+    requested = bool(stop is not None and stop.requested)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return loss.detach(), requested
+    packed = torch.stack([loss.detach().float(), torch.tensor(float(requested), device=loss.device)])
+    dist.all_reduce(packed)
+    return packed[0] / dist.get_world_size(), bool(packed[1] > 0)
+
+
+def check_resume_fingerprint(ckpt: dict[str, Any], fingerprint: dict[str, Any], path: Path | None,
+                             force: bool = False) -> None:
+    """Refuse to resume on other training images than the checkpoint's unless forced."""
+    saved = (ckpt.get("meta") or {}).get("dataset")
+    if saved is None or saved == fingerprint:
+        return
+    message = (f"the training images differ from those {path} was trained on ({saved.get('num_images')} images, "
+               f"list {str(saved.get('list_sha1', '?'))[:12]} vs {fingerprint['num_images']} images, "
+               f"list {fingerprint['list_sha1'][:12]})")
+    if not force:
+        raise ConfigError(message + "; pass --force-resume to continue anyway")
+    logger.warning("%s (forced)", message)
+
+
+def export_model(run_dir: RunDir, state: dict[str, torch.Tensor], config: dict[str, Any],
+                 fingerprint: dict[str, Any] | None) -> Path:
+    """Write ``model.pth`` (a plain state dict in the published layout) and ``model.json`` beside it.
+
+    ``model.json`` is ``{"meta": build_meta(fingerprint), "config": config}``,
+    which lets ``passreid eval`` rebuild the model (input size, fusion, necks).
+    """
+    path = run_dir.path / "model.pth"
+    save_atomic(state, path)
+    sidecar = path.with_suffix(".json")
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": build_meta(fingerprint), "config": config}, indent=2) + "\n")
+    os.replace(tmp, sidecar)
+    return path
+
+
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], force: bool = False) -> None:
     """Refuse to resume with a changed config unless forced; the error shows the diff."""
     diff = config_diff(saved, current, ignore=RESUME_IGNORED_KEYS)

@@ -17,7 +17,6 @@ run directory (DESIGN §8): ``config.yaml``, ``metrics.jsonl``, ``tb/``,
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import time
@@ -47,17 +46,20 @@ from passreid.engine import (
     DistInfo,
     GracefulStop,
     RunDir,
+    agree_across_ranks,
     autocast,
-    capture_rng_state,
     check_resume_config,
+    check_resume_fingerprint,
     cleanup_distributed,
     explain_oom,
+    export_model,
+    gather_rng_states,
     load_training_checkpoint,
     loss_is_finite,
     make_grad_scaler,
     resolve_precision,
     resolve_resume_path,
-    restore_rng_state,
+    restore_rank_rng,
     restore_training_state,
     save_training_checkpoint,
     seed_everything,
@@ -292,20 +294,6 @@ def seed_loader(loader: DataLoader, seed: int, rank: int, epoch: int) -> None:
 # ----------------------------------------------------------------------------- one epoch
 
 
-def _agree(loss: torch.Tensor, stop: GracefulStop | None) -> tuple[torch.Tensor, bool]:
-    """The loss averaged over ranks and whether any rank was asked to stop.
-
-    One all-reduce: every rank then skips a non-finite step and stops at the
-    same step, which DDP needs to stay in lock-step.
-    """
-    requested = bool(stop is not None and stop.requested)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return loss.detach(), requested
-    packed = torch.stack([loss.detach().float(), torch.tensor(float(requested), device=loss.device)])
-    dist.all_reduce(packed)
-    return packed[0] / dist.get_world_size(), bool(packed[1] > 0)
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -355,7 +343,7 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         # One host sync per step, after the backward pass is queued: the rank-averaged
         # loss, its parts, the accuracy and the stop flag come back together.
-        loss_value, stop_now = _agree(loss, stop)
+        loss_value, stop_now = agree_across_ranks(loss, stop)
         acc = (out.logits.argmax(dim=1) == pids).float().mean() if out.logits is not None else loss.new_zeros(())
         zero = loss.new_zeros((), dtype=torch.float32)
         row = torch.stack([loss_value.float(), parts.get("id", zero).float(), parts.get("triplet", zero).float(),
@@ -407,33 +395,6 @@ def _eval_record(metrics: dict[str, Any]) -> dict[str, float]:
         if len(metrics["cmc"]) >= k:
             record[f"rank{k}"] = float(metrics["cmc"][k - 1])
     return record
-
-
-def _rng_of_every_rank(info: DistInfo) -> list[Any] | None:
-    """Each rank's RNG state, gathered on every rank (rank 0 stores them) so that a resumed DDP run is exact."""
-    if not info.distributed:
-        return None
-    states: list[Any] = [None] * info.world_size
-    dist.all_gather_object(states, capture_rng_state())
-    return states
-
-
-def export_model(run_dir: RunDir, state: dict[str, torch.Tensor], config: dict[str, Any],
-                 fingerprint: dict[str, Any]) -> Path:
-    """Write ``model.pth`` (plain state dict: ``base.*``, ``bottleneck*``, ``classifier.weight``) and ``model.json``.
-
-    ``model.json`` is ``{"meta": build_meta(fingerprint), "config": config}``,
-    which lets ``passreid eval`` rebuild the model (input size, fusion, necks).
-    """
-    from passreid.checkpoint import build_meta, save_atomic
-
-    path = run_dir.path / "model.pth"
-    save_atomic(state, path)
-    sidecar = path.with_suffix(".json")
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": build_meta(fingerprint), "config": config}, indent=2) + "\n")
-    tmp.replace(sidecar)
-    return path
 
 
 @dataclass
@@ -502,7 +463,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
         dataset: ReIDDataset = build_dataset(cfg.data.dataset, cfg.data.root)
         fingerprint = dataset_fingerprint(dataset.train)
         if ckpt is not None:
-            _check_fingerprint(ckpt, fingerprint, resume_path, force_resume)
+            check_resume_fingerprint(ckpt, fingerprint, resume_path, force_resume)
         precision = resolve_precision(cfg.run.precision, info.device)
         model = build_model(cfg.model, num_classes=dataset.num_train_pids, img_size=cfg.data.img_size).to(info.device)
         optimizer = build_optimizer(model, cfg.optim, device=info.device)
@@ -517,7 +478,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
         state = RunProgress()
         if ckpt is not None:
             restore_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-            _restore_rank_rng(ckpt, info, resume_path)
+            restore_rank_rng(ckpt, info, resume_path)
             state = RunProgress.from_checkpoint(ckpt)
             run_dir.truncate_metrics(state.epoch)
             logger.info("resumed from %s after epoch %d%s", resume_path, state.epoch,
@@ -537,7 +498,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
                         cfg.optim.num_instances)
 
         def save_last() -> None:
-            rng_all = _rng_of_every_rank(info)  # a collective: every rank takes part
+            rng_all = gather_rng_states(info)  # a collective: every rank takes part
             if info.is_main:
                 save_training_checkpoint(run_dir.last, model=model, optimizer=optimizer, scheduler=scheduler,
                                          scaler=scaler, epoch=state.epoch, config=config, fingerprint=fingerprint,
@@ -582,7 +543,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
                 run_dir.log_metrics(record)
                 state.epoch, state.step = epoch, 0
                 save_last()
-                if _agree(torch.zeros((), device=info.device), stop)[1]:
+                if agree_across_ranks(torch.zeros((), device=info.device), stop)[1]:
                     stopped = epoch < cfg.run.epochs
                     if stopped:
                         logger.warning("stopped after epoch %d; %s holds the run", epoch, run_dir.last)
@@ -603,16 +564,6 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
         cleanup_distributed()
 
 
-def _restore_rank_rng(ckpt: dict[str, Any], info: DistInfo, path: Path | None) -> None:
-    """Give each rank its own saved random streams (the checkpoint's ``rng`` is rank 0's)."""
-    per_rank = ckpt.get("rng_per_rank")
-    if per_rank is not None and len(per_rank) == info.world_size:
-        restore_rng_state(per_rank[info.rank])
-    elif info.distributed:
-        logger.warning("%s was written by %d process(es), this run has %d: random streams are not restored per rank",
-                       path, len(per_rank) if per_rank else 1, info.world_size)
-
-
 def _evaluate_and_keep_best(model: nn.Module, dataset: ReIDDataset, cfg: FinetuneConfig, state: RunProgress,
                             epoch: int, run_dir: RunDir, device: torch.device, precision: str,
                             config: dict[str, Any], fingerprint: dict[str, Any]) -> dict[str, float]:
@@ -630,18 +581,6 @@ def _evaluate_and_keep_best(model: nn.Module, dataset: ReIDDataset, cfg: Finetun
     logger.info("epoch %d: mAP %.2f%% R1 %.2f%% (best %.2f%% at epoch %d)", epoch, 100 * state.last_metrics["mAP"],
                 100 * state.last_metrics.get("rank1", 0.0), 100 * state.best_mAP, state.best_epoch)
     return state.last_metrics
-
-
-def _check_fingerprint(ckpt: dict[str, Any], fingerprint: dict[str, Any], path: Path | None, force: bool) -> None:
-    saved = (ckpt.get("meta") or {}).get("dataset")
-    if saved is None or saved == fingerprint:
-        return
-    message = (f"the training images differ from those {path} was trained on "
-               f"({saved.get('num_images')} images, list {saved.get('list_sha1', '?')[:12]} vs "
-               f"{fingerprint['num_images']} images, list {fingerprint['list_sha1'][:12]})")
-    if not force:
-        raise ConfigError(message + "; pass --force-resume to continue anyway")
-    logger.warning("%s (forced)", message)
 
 
 # ----------------------------------------------------------------------------- demo
