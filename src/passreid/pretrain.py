@@ -39,18 +39,20 @@ from passreid.engine import (
     DistInfo,
     GracefulStop,
     RunDir,
+    agree_across_ranks,
     autocast,
-    capture_rng_state,
     check_resume_config,
+    check_resume_fingerprint,
     cleanup_distributed,
     cosine_value,
     explain_oom,
+    gather_rng_states,
     load_training_checkpoint,
     loss_is_finite,
     make_grad_scaler,
     resolve_precision,
     resolve_resume_path,
-    restore_rng_state,
+    restore_rank_rng,
     restore_training_state,
     save_training_checkpoint,
     seed_everything,
@@ -494,17 +496,6 @@ class PretrainState:
         self.last_layer = last_layer_params(student)
 
 
-def _agree(loss: Tensor, stop: GracefulStop | None) -> tuple[Tensor, bool]:
-    """The loss averaged over ranks and whether any rank was asked to stop, in one all-reduce,
-    so every rank skips the same non-finite steps and stops at the same step (DDP lock-step)."""
-    requested = bool(stop is not None and stop.requested)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return loss.detach(), requested
-    packed = torch.stack([loss.detach().float(), torch.tensor(float(requested), device=loss.device)])
-    dist.all_reduce(packed)
-    return packed[0] / dist.get_world_size(), bool(packed[1] > 0)
-
-
 class StepResult(NamedTuple):
     """What one step reports: detached loss statistics on the device (empty for a skipped
     non-finite step), the scheduled values used, and whether any rank asked to stop."""
@@ -530,7 +521,7 @@ def train_step(state: PretrainState, batch: Any, epoch: int, it: int, *,
             teacher_out = s.teacher(views.global_views)  # only the global views pass through the teacher
         student_out = s.student(views.global_views, views.local_views)
         out = s.loss_fn(student_out, teacher_out, it)
-    loss, stop_now = _agree(out.loss, stop)
+    loss, stop_now = agree_across_ranks(out.loss, stop)
     s.optimizer.zero_grad(set_to_none=True)
     if not loss_is_finite(loss, step=it, epoch=epoch, last_checkpoint=last_checkpoint, skip=s.skip_nonfinite):
         return StepResult({}, scalars, stop_now)
@@ -700,14 +691,6 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the run
 
 
-def _rng_of_every_rank(info: DistInfo) -> list[Any] | None:
-    if not info.distributed:
-        return None
-    states: list[Any] = [None] * info.world_size
-    dist.all_gather_object(states, capture_rng_state())
-    return states
-
-
 def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: bool = False,
                  progress: bool = False) -> dict[str, Any]:
     """PASS (or plain DINO) pretraining on ``cfg.data.root``; one process or one per GPU under ``torchrun``.
@@ -745,7 +728,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         multicrop = build_multicrop(cfg.aug.backend, cfg.multicrop_spec(), tuple(cfg.aug.decode_size))
         loader, sampler, fingerprint = build_loader(cfg, info, multicrop)
         if ckpt is not None:
-            _check_fingerprint(ckpt, fingerprint, resume_path, force_resume)
+            check_resume_fingerprint(ckpt, fingerprint, resume_path, force_resume)
         ipe = sampler.batches_per_epoch
         if cfg.run.max_iters_per_epoch:
             ipe = min(ipe, cfg.run.max_iters_per_epoch)
@@ -774,12 +757,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
             teacher.load_state_dict(models["teacher"])
             loss_fn.load_state_dict(models["centers"])
             start_epoch = restore_training_state(ckpt, model=None, optimizer=optimizer, scheduler=None, scaler=scaler)
-            per_rank = ckpt.get("rng_per_rank")
-            if per_rank is not None and len(per_rank) == info.world_size:
-                restore_rng_state(per_rank[info.rank])
-            elif info.distributed:
-                logger.warning("%s was written by another number of processes: random streams are not restored "
-                               "per rank", resume_path)
+            restore_rank_rng(ckpt, info, resume_path)
             start_step = int(ckpt.get("resume_step", 0))
             run_dir.truncate_metrics(start_epoch - 1)
             logger.info("resumed from %s at epoch %d%s", resume_path, start_epoch,
@@ -805,7 +783,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
                         "the device" if cfg.aug.backend == "gpu" else "the loader workers", cfg.aug.backend)
 
         def save_last(epoch_done: int, resume_step: int) -> None:
-            rng_all = _rng_of_every_rank(info)
+            rng_all = gather_rng_states(info)
             if info.is_main:
                 save_training_checkpoint(
                     run_dir.last, model={"student": student.state_dict(), "teacher": teacher.state_dict(),
@@ -840,7 +818,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
                     logger.info("epoch %d: loss %.4f (cls %.4f) teacher entropy %.3f, %.0f img/s", epoch,
                                 stats.get("loss", math.nan), stats.get("loss_cls", math.nan),
                                 stats.get("teacher_entropy", math.nan), stats["images_per_s"])
-                if _agree(torch.zeros((), device=info.device), stop)[1]:
+                if agree_across_ranks(torch.zeros((), device=info.device), stop)[1]:
                     stopped = epoch < cfg.run.epochs
                     if stopped:
                         logger.warning("stopped after epoch %d; %s holds the run", epoch, run_dir.last)
@@ -855,18 +833,6 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
                 "metrics": last_record}
     finally:
         cleanup_distributed()
-
-
-def _check_fingerprint(ckpt: dict[str, Any], fingerprint: dict[str, Any], path: Path | None, force: bool) -> None:
-    saved = (ckpt.get("meta") or {}).get("dataset")
-    if saved is None or saved == fingerprint:
-        return
-    message = (f"the images differ from those {path} was trained on ({saved.get('num_images')} images, list "
-               f"{str(saved.get('list_sha1', '?'))[:12]} vs {fingerprint['num_images']} images, list "
-               f"{fingerprint['list_sha1'][:12]})")
-    if not force:
-        raise ConfigError(message + "; pass --force-resume to continue anyway")
-    logger.warning("%s (forced)", message)
 
 
 # ----------------------------------------------------------------------------- demo
