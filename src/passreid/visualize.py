@@ -387,7 +387,7 @@ def visualize_stage(ctx: DemoContext) -> list[StageResult]:
         return []
     t0 = time.perf_counter()
     pipeline = load(checkpoint, device=ctx.device)
-    dataset = build_dataset("market1501", ctx.source_root)
+    dataset = build_dataset("synthetic", ctx.source_root)
     query_paths = [r.path for r in dataset.query]
     gallery_paths = [r.path for r in dataset.gallery]
     qf = pipeline.extract(query_paths, batch_size=128)
