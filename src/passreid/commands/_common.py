@@ -49,3 +49,24 @@ def load_model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, tuple
 def extraction_kwargs(args: argparse.Namespace, img_size: tuple[int, int], device: torch.device) -> dict[str, Any]:
     return dict(img_size=img_size, batch_size=args.batch_size, num_workers=args.num_workers, device=device,
                 flip=args.flip, progress=True)
+
+
+EXIT_STOPPED = 143
+"""Exit status of a training command stopped by SIGTERM/SIGINT (128 + SIGTERM): saved, not finished."""
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, example_config: str, example_override: str) -> None:
+    """``CONFIG [key.sub=value ...] [--resume [CKPT]] [--force-resume]``, shared by every training stage."""
+    parser.add_argument("config", metavar="CONFIG", help=f"recipe YAML, e.g. {example_config}")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help=f"dotted overrides, e.g. {example_override}")
+    parser.add_argument("--resume", nargs="?", const="", metavar="CKPT",
+                        help="continue a run (put it after CONFIG): from CKPT, or without a value from "
+                             "<run.output_dir>/last.pth")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume even though the config or the training images changed")
+
+
+def resume_command(stage: str, args: argparse.Namespace) -> str:
+    """The command line that continues a stopped run."""
+    return " ".join(["passreid", stage, args.config, *args.overrides, "--resume"])

@@ -10,18 +10,16 @@ import argparse
 
 from passreid import pretrain  # noqa: F401  (registers the demo stage)
 
+from passreid.commands._common import EXIT_STOPPED, add_training_arguments, resume_command
+
 NAME = "pretrain"
 HELP = "PASS self-supervised pretraining on unlabeled person images (exports the teacher backbone)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``CONFIG [key.sub=value ...] [--resume [CKPT]] [--force-resume] [--no-progress]``."""
-    parser.add_argument("config", metavar="CONFIG", help="recipe YAML, e.g. configs/pretrain/pass_vit_small.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. data.root=data/LUPerson data.limit=100000")
-    parser.add_argument("--resume", nargs="?", const="", metavar="CKPT",
-                        help="continue a run: from CKPT, or without a path from <run.output_dir>/last.pth")
-    parser.add_argument("--force-resume", action="store_true", help="resume even if the config or images changed")
+    add_training_arguments(parser, example_config="configs/pretrain/pass_vit_small.yaml",
+                           example_override="data.root=data/LUPerson data.limit=100000")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 
@@ -32,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     result = run_pretrain(cfg, resume=args.resume, force_resume=args.force_resume, progress=not args.no_progress)
     if result["stopped"]:
-        command = " ".join(["passreid pretrain", args.config, *args.overrides, "--resume"])
-        print(f"stopped after epoch {result['epoch']}; continue with: {command}")
+        print(f"stopped after epoch {result['epoch']}; continue with: {resume_command('pretrain', args)}")
+        return EXIT_STOPPED
     elif result["backbone"] is not None:
         print(f"pretrained {result['epoch']} epochs; teacher backbone exported to {result['backbone']}")
     return 0

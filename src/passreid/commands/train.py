@@ -15,21 +15,16 @@ import sys
 
 from passreid import finetune  # noqa: F401  (registers the "finetune" demo stage)
 
+from passreid.commands._common import EXIT_STOPPED, add_training_arguments, resume_command
+
 NAME = "train"
 HELP = "fine-tune a ReID model on a labelled data set (TransReID recipe with PASS tokens)"
 
-EXIT_STOPPED = 143
-"""Exit status after a SIGTERM/SIGINT stop (128 + SIGTERM): the run is saved but not finished."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", help="recipe YAML, e.g. configs/finetune/market_vit_small.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides, e.g. data.root=data/market1501 optim.batch_size=128")
-    parser.add_argument("--resume", nargs="?", const="", metavar="CKPT",
-                        help="continue a run: from CKPT, or without a value from <run.output_dir>/last.pth")
-    parser.add_argument("--force-resume", action="store_true",
-                        help="resume even though the config or the training images changed")
+    add_training_arguments(parser, example_config="configs/finetune/market_vit_small.yaml",
+                           example_override="data.root=data/market1501 optim.batch_size=128")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     if result["stopped"]:
         if is_main:
-            command = " ".join(["passreid train", args.config, *args.overrides, "--resume"])
+            command = resume_command("train", args)
             where = f"{result['epoch']} epoch(s)" + (f" and {result['step']} step(s)" if result["step"] else "")
             print(f"training stopped after {where}, saved in {result['run_dir']}/last.pth; continue with: {command}",
                   file=sys.stderr)

@@ -10,17 +10,16 @@ import argparse
 
 from passreid import cluster  # noqa: F401  (registers the demo stage)
 
+from passreid.commands._common import EXIT_STOPPED, add_training_arguments, resume_command
+
 NAME = "usl"
 HELP = "unsupervised ReID: cluster contrast on an unlabelled train split, from a pretrained backbone"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``CONFIG [key.sub=value ...] [--resume [CKPT]] [--force-resume]``."""
-    parser.add_argument("config", metavar="CONFIG", help="recipe YAML, e.g. configs/usl/market_vit_small.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. cluster.eps=0.5")
-    parser.add_argument("--resume", nargs="?", const="", metavar="CKPT",
-                        help="continue a run: from CKPT, or without a path from <run.output_dir>/last.pth")
-    parser.add_argument("--force-resume", action="store_true", help="resume even if the config changed")
+    add_training_arguments(parser, example_config="configs/usl/market_vit_small.yaml",
+                           example_override="cluster.eps=0.5")
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> int:
@@ -31,8 +30,9 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     cfg = load_config(ClusterConfig, args.config, args.overrides)
     result = run_cluster(cfg, mode=mode, resume=args.resume, force_resume=args.force_resume)
     if result["stopped"]:
-        print(f"stopped early; continue with: passreid {mode} {args.config} --resume "
+        print(f"stopped early; continue with: {resume_command(mode, args)} "
               f"(checkpoint {result['run_dir']}/last.pth)")
+        return EXIT_STOPPED
     elif result["model"] is not None:
         print(f"best mAP {100 * result['best_mAP']:.1f}% at epoch {result['best_epoch']}; "
               f"model exported to {result['model']}")
