@@ -50,15 +50,14 @@ from passreid.engine import (
     GracefulStop,
     RunDir,
     autocast,
-    check_resume_config,
     check_resume_fingerprint,
     cleanup_distributed,
     explain_oom,
     load_training_checkpoint,
     loss_is_finite,
     make_grad_scaler,
+    open_resume_checkpoint,
     resolve_precision,
-    resolve_resume_path,
     restore_training_state,
     save_training_checkpoint,
     seed_everything,
@@ -584,10 +583,8 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         scaler = make_grad_scaler(precision, info.device)
 
         start_epoch, best = 1, {"mAP": -1.0, "epoch": 0}
-        resume_path = resolve_resume_path(resume, run_dir)
-        if resume_path is not None:
-            ckpt = load_training_checkpoint(resume_path)
-            check_resume_config(ckpt["config"], config, force=force_resume)
+        ckpt, resume_path = open_resume_checkpoint(resume, run_dir, config, force_resume)
+        if ckpt is not None:
             check_resume_fingerprint(ckpt, fingerprint, resume_path, force_resume)
             start_epoch = restore_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
                                                  scaler=scaler)

@@ -369,6 +369,18 @@ def resolve_resume_path(resume: str | None, run_dir: RunDir) -> Path | None:
     return path
 
 
+def open_resume_checkpoint(resume: str | None, run_dir: RunDir, config: dict[str, Any],
+                           force: bool = False) -> tuple[dict[str, Any] | None, Path | None]:
+    """The training checkpoint ``--resume`` names (or None, None), refused if its config differs
+    from ``config`` unless forced."""
+    path = resolve_resume_path(resume, run_dir)
+    if path is None:
+        return None, None
+    ckpt = load_training_checkpoint(path)
+    check_resume_config(ckpt["config"], config, force=force)
+    return ckpt, path
+
+
 def restore_training_state(
     ckpt: dict[str, Any],
     *,

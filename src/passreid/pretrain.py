@@ -41,17 +41,15 @@ from passreid.engine import (
     RunDir,
     agree_across_ranks,
     autocast,
-    check_resume_config,
     check_resume_fingerprint,
     cleanup_distributed,
     cosine_value,
     explain_oom,
     gather_rng_states,
-    load_training_checkpoint,
     loss_is_finite,
     make_grad_scaler,
+    open_resume_checkpoint,
     resolve_precision,
-    resolve_resume_path,
     restore_rank_rng,
     restore_training_state,
     save_training_checkpoint,
@@ -715,11 +713,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         seed_everything(cfg.run.seed, info.rank)
         run_dir = RunDir(cfg.run.output_dir, is_main=info.is_main)
         config = config_to_dict(cfg)
-        ckpt = None
-        resume_path = resolve_resume_path(resume, run_dir)
-        if resume_path is not None:
-            ckpt = load_training_checkpoint(resume_path)
-            check_resume_config(ckpt["config"], config, force=force_resume)
+        ckpt, resume_path = open_resume_checkpoint(resume, run_dir, config, force_resume)
         if info.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
