@@ -5,8 +5,9 @@ it draws random-but-clustered unit features (D 768, about N/16 clusters of
 varying size plus 10% scattered points) and times, each in its own process so
 that peak memories do not mix:
 
-- ``sparse``: :func:`passreid.cluster.pseudo_labels` (kNN graph, sparse Jaccard,
-  DBSCAN on the sparse matrix), the passreid path;
+- ``sparse``: the passreid path of :func:`passreid.cluster.pseudo_labels` (kNN
+  graph, sparse Jaccard keeping only distances within eps, DBSCAN on the sparse
+  matrix);
 - ``dense``: the classic formulation written out with N x N arrays (squared
   distances, full k-reciprocal encoding V, query expansion, Jaccard through an
   inverted index, DBSCAN on the dense matrix), as the original research code
@@ -115,7 +116,7 @@ def worker(method: str, n: int, dim: int, device: str, labels_out: str) -> None:
     if method == "sparse":
         from passreid.kreciprocal import jaccard_distance
 
-        matrix = jaccard_distance(feats, k1=K1, k2=K2, device=device)
+        matrix = jaccard_distance(feats, k1=K1, k2=K2, device=device, max_distance=EPS)  # as pseudo_labels
         stored = int(matrix.nnz)
     else:
         matrix = dense_jaccard(feats)

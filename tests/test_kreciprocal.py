@@ -109,6 +109,29 @@ def test_jaccard_layout_for_dbscan() -> None:
     assert 0 < got.nnz < 70 * 70
 
 
+@pytest.mark.parametrize("max_distance", [0.0, 0.45, 0.6, 0.9])
+def test_max_distance_keeps_exactly_the_pairs_within_it(max_distance: float) -> None:
+    """The pruned matrix is the full one without its entries above the bound, so DBSCAN
+    with eps = max_distance sees the same neighbourhoods and finds the same clusters."""
+    from sklearn.cluster import DBSCAN
+
+    feats = _features(5, n=120)
+    full = jaccard_distance(feats, k1=20, k2=6)
+    pruned = jaccard_distance(feats, k1=20, k2=6, max_distance=max_distance)
+    coo = full.tocoo()
+    keep = coo.data <= max_distance
+    want = {(int(r), int(c)): float(d) for r, c, d in zip(coo.row[keep], coo.col[keep], coo.data[keep])}
+    got_coo = pruned.tocoo()
+    got = {(int(r), int(c)): float(d) for r, c, d in zip(got_coo.row, got_coo.col, got_coo.data)}
+    assert got == want
+    assert len(want) >= 120  # the diagonal at least
+    for i in range(pruned.shape[0]):  # still sorted by distance within each row
+        assert np.all(np.diff(pruned.data[pruned.indptr[i]:pruned.indptr[i + 1]]) >= 0)
+    if max_distance > 0:
+        dbscan = DBSCAN(eps=max_distance, min_samples=3, metric="precomputed")
+        assert np.array_equal(dbscan.fit_predict(full), dbscan.fit_predict(pruned))
+
+
 def test_dbscan_recovers_separated_clusters() -> None:
     from sklearn.cluster import DBSCAN
     from sklearn.exceptions import EfficiencyWarning

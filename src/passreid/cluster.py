@@ -193,15 +193,16 @@ def pseudo_labels(
         (N,) int64 labels ``0..C-1``, ``-1`` for outliers.
 
     The distance matrix stays sparse: pairs that share no k-reciprocal
-    neighbour are at distance 1 and are never stored, which DBSCAN's
-    precomputed sparse mode reads as "not a neighbour" (eps < 1).
+    neighbour are at distance 1 and pairs farther than ``eps`` can never be
+    DBSCAN neighbours, so neither is stored; DBSCAN's precomputed sparse mode
+    reads a missing pair as "not a neighbour" (eps < 1).
     """
     from sklearn.cluster import DBSCAN
 
     from passreid.kreciprocal import jaccard_distance
 
     t0 = time.perf_counter()
-    dist_matrix = jaccard_distance(features, k1=k1, k2=k2, search=search, device=device)
+    dist_matrix = jaccard_distance(features, k1=k1, k2=k2, search=search, device=device, max_distance=eps)
     t1 = time.perf_counter()
     labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed", n_jobs=-1).fit_predict(dist_matrix)
     labels = labels.astype(np.int64)

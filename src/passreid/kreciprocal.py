@@ -321,6 +321,7 @@ def jaccard_distance(
     *,
     search: Search = "auto",
     device: str | torch.device | None = None,
+    max_distance: float | None = None,
 ) -> sp.csr_matrix:
     """k-reciprocal Jaccard distance between all points, for clustering (DESIGN §5).
 
@@ -331,6 +332,9 @@ def jaccard_distance(
         search: kNN back end - ``"faiss"`` (exact ``IndexFlatL2``, CPU), ``"torch"``
             (exact, chunked, on ``device``), ``"auto"`` (faiss on CPU when installed).
         device: device of the torch search (e.g. ``"cuda"``); the rest runs on the CPU.
+        max_distance: store only distances ``<= max_distance`` (DBSCAN's ``eps``: a
+            pair farther apart is never a neighbour there, so dropping it changes no
+            cluster and makes the matrix several times smaller). ``None`` keeps them all.
 
     Returns:
         ``(N, N)`` float32 CSR matrix holding the distance of every pair that shares a
@@ -356,6 +360,11 @@ def jaccard_distance(
     workers = max(1, torch.get_num_threads())
     sums = _MinSums(v, range(num), workers)
     col_bits = max(1, int(num - 1).bit_length())
+    # d = 1 - m / (2 - m) <= t  <=>  m >= 2 (1 - t) / (2 - t): skip smaller m before computing d,
+    # with a little slack for rounding, then apply the exact test on d itself.
+    m_floor = 0.0
+    if max_distance is not None and max_distance < 1:
+        m_floor = max(0.0, 2 * (1 - max_distance) / (2 - max_distance) * (1 - 1e-4))
 
     def rows_block(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         start, stop = bounds
@@ -363,9 +372,13 @@ def jaccard_distance(
         # a point's own distance is exactly 0 and always stored: m(i, i) = 1
         local = np.arange(stop - start)
         m[local, start + local] = 1.0
-        stored = m > 0  # (m >= 0; a bool scan is ~6x faster than nonzero on floats)
-        flat = np.flatnonzero(stored)  # row-major: exactly the pairs with m > 0
+        stored = m > m_floor  # (m >= 0; a bool scan is ~6x faster than nonzero on floats)
+        flat = np.flatnonzero(stored)  # row-major: the pairs with m > 0 (or near max_distance)
         d = _jaccard_from_min_sum(m.reshape(-1)[flat]).astype(np.float32)
+        if max_distance is not None:
+            keep = d <= max_distance
+            flat, d = flat[keep], d[keep]
+            stored[stored] = keep
         counts = stored.sum(axis=1)
         # Each row by ascending distance, ties by column: sort the int64 keys (distance
         # bits - ordered like the values for d >= 0 -, column) row by row, in a
