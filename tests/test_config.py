@@ -72,6 +72,7 @@ def test_round_trip_through_yaml(tmp_path):
         ("optim.lr", "key.sub=value"),
         ("model.name=pass_vit_huge", "model.name"),
         ("data.dataset=market", "data.dataset"),
+        ("data.color_jitter=1.5", "data.color_jitter"),
     ],
 )
 def test_bad_override_names_the_key(override, fragment):

@@ -13,6 +13,7 @@ from PIL import Image
 
 from passreid.commands import synth as synth_command
 from passreid.data import Market1501, ReIDDataset, build_dataset, generate_synthetic
+from passreid.data.synthetic import DOMAINS, domain_cameras
 from passreid.errors import ConfigError, DatasetError
 
 SMALL = dict(num_ids=10, num_cams=3, img_size=(64, 32), num_distractors=4, num_junk=3)
@@ -81,6 +82,18 @@ def test_domains_differ_in_background(tmp_path: Path) -> None:
     assert market.mean() - duke.mean() > 60
     warm = lambda rgb: float((rgb[:, 0] - rgb[:, 2]).mean())  # noqa: E731
     assert warm(market) > 20 and warm(duke) < 0
+
+
+@pytest.mark.parametrize("domain", sorted(DOMAINS))
+def test_cameras_cover_the_domains_background_kinds(domain: str) -> None:
+    style = DOMAINS[domain]
+    kinds = set(style.backgrounds)
+    for seed in range(5):
+        six = [cam.background for cam in domain_cameras([seed, 0], style, 6)]
+        assert set(six) == kinds  # every kind shows with as many cameras as kinds or more
+        few = [cam.background for cam in domain_cameras([seed, 0], style, 3)]
+        assert len(set(few)) == 3  # fewer cameras: all different
+        assert few == six[:3]  # adding cameras keeps the first ones
 
 
 def band_features(ds_records: list, bands: int) -> np.ndarray:

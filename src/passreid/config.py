@@ -51,7 +51,13 @@ def check_img_size(key: str, size: Sequence[int], patch: int = 16) -> None:
 
 @dataclass
 class DataConfig:
-    """Where the images come from and how they are fed to the model."""
+    """Where the images come from and how they are fed to the model.
+
+    ``color_jitter`` (training only; 0, the published recipes, turns it off) draws
+    brightness, contrast and saturation factors from ``[1 - s, 1 + s]`` and a hue
+    shift from ``[-s / 6, s / 6]`` per image, so that a camera's light and colour
+    cast stop being a shortcut (the demo's UDA stage needs it; see README).
+    """
 
     dataset: str = "market1501"
     root: str = "data/market1501"
@@ -60,6 +66,7 @@ class DataConfig:
     pixel_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     pixel_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     skip_corrupt: bool = False
+    color_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         from passreid.data.datasets import list_datasets
@@ -67,6 +74,8 @@ class DataConfig:
         check_choice("data.dataset", self.dataset, list_datasets())
         check_img_size("data.img_size", self.img_size)
         check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ConfigError(f"config key 'data.color_jitter': {self.color_jitter} must be in [0, 1)")
 
 
 @dataclass

@@ -274,7 +274,8 @@ def build_train_loader(
             f"config key 'optim.batch_size': {cfg.optim.batch_size} must split into {info.world_size} processes "
             f"of whole identities (a multiple of num_instances x processes = {unit})"
         )
-    transform = build_train_transform(cfg.data.img_size, cfg.data.pixel_mean, cfg.data.pixel_std)
+    transform = build_train_transform(cfg.data.img_size, cfg.data.pixel_mean, cfg.data.pixel_std,
+                                      color_jitter=cfg.data.color_jitter)
     dataset = ImageDataset(records, transform=transform, skip_corrupt=cfg.data.skip_corrupt)
     sampler = RandomIdentitySampler([r.pid for r in records], cfg.optim.batch_size, cfg.optim.num_instances,
                                     seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)

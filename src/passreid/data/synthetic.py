@@ -198,14 +198,14 @@ def random_person(rng: np.random.Generator, style: DomainStyle) -> Person:
     )
 
 
-def random_camera(rng: np.random.Generator, style: DomainStyle) -> Camera:
-    """Draw one camera of a domain."""
+def random_camera(rng: np.random.Generator, style: DomainStyle, background: str | None = None) -> Camera:
+    """Draw one camera of a domain (its background kind drawn too unless given)."""
     cast = 1.0 + np.asarray(style.cast_bias, np.float32) + rng.uniform(-style.cast_spread, style.cast_spread, 3)
     num_blobs = 5
     return Camera(
         wall=_jitter(rng, _pick(rng, style.walls), 12.0),
         floor=_jitter(rng, _pick(rng, style.floors), 10.0),
-        background=_pick(rng, style.backgrounds),
+        background=_pick(rng, style.backgrounds) if background is None else background,
         horizon=float(rng.uniform(0.55, 0.85)),
         period=float(rng.uniform(6.0, 16.0)),
         blobs=np.stack([rng.uniform(0, 1, num_blobs), rng.uniform(0.05, 0.5, num_blobs),
@@ -221,6 +221,18 @@ def random_camera(rng: np.random.Generator, style: DomainStyle) -> Camera:
         front_p=float(rng.uniform(0.15, 0.85)),
         lean=float(rng.uniform(-0.05, 0.05)),
     )
+
+
+def domain_cameras(key: Sequence[int], style: DomainStyle, num_cams: int) -> list[Camera]:
+    """The cameras of one generated set (``key``: its seed and domain index).
+
+    They go through the domain's background kinds in a shuffled cycle, so that a
+    domain with enough cameras shows all of them: independent draws once gave six
+    brick walls, and a model trained there never learnt to ignore the background.
+    """
+    kinds = np.random.default_rng([*key, 5]).permutation(len(style.backgrounds))
+    return [random_camera(np.random.default_rng([*key, 1, c]), style, style.backgrounds[kinds[c % len(kinds)]])
+            for c in range(num_cams)]
 
 
 # --------------------------------------------------------------------------- drawing
@@ -488,7 +500,7 @@ def generate_synthetic(
     style = DOMAINS[domain]
     key = [seed, list(DOMAINS).index(domain)]
     size = (int(img_size[0]), int(img_size[1]))
-    cameras = [random_camera(np.random.default_rng([*key, 1, c]), style) for c in range(num_cams)]
+    cameras = domain_cameras(key, style, num_cams)
     people = _unique_people(np.random.default_rng([*key, 0]), style, num_ids)
     frames = [0] * num_cams
 

@@ -33,13 +33,21 @@ def build_train_transform(
     flip_p: float = 0.5,
     padding: int = 10,
     erasing_p: float = 0.5,
+    color_jitter: float = 0.0,
 ) -> v2.Compose:
-    """DESIGN §4 augmentation: resize, flip, pad + random crop, random erasing (random pixel values)."""
+    """DESIGN §4 augmentation: resize, flip, pad + random crop, random erasing (random pixel values).
+
+    ``color_jitter`` > 0 adds a colour jitter after the flip: brightness, contrast and
+    saturation factors in ``[1 - s, 1 + s]``, hue shift in ``[-s / 6, s / 6]``.
+    """
     steps: list[torch.nn.Module] = [
         v2.ToImage(),
         v2.Resize(tuple(img_size), interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(flip_p),
     ]
+    if color_jitter > 0:
+        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter,
+                                    hue=color_jitter / 6))
     if padding > 0:
         steps += [v2.Pad(padding), v2.RandomCrop(tuple(img_size))]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
