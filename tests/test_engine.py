@@ -39,9 +39,9 @@ def test_seed_differs_per_rank():
 def test_training_checkpoint_round_trip(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     sched.step()
     engine.save_training_checkpoint(tmp_path / "last.pth", model=model, optimizer=opt, scheduler=sched, scaler=None,
                                     epoch=4, config={"run": {"epochs": 9}}, fingerprint={"num_images": 3})
