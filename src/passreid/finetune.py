@@ -332,45 +332,47 @@ def train_one_epoch(
 
         bar = tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
     start = time.perf_counter()
-    for images, pids, _, _ in itertools.islice(loader, total):
-        images = images.to(device, non_blocking=True)
-        pids = pids.to(device, non_blocking=True)
-        with autocast(device, precision):
-            out = model(images)
-            loss, parts = criterion(out.logits, out.feat, pids)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        # One host sync per step, after the backward pass is queued: the rank-averaged
-        # loss, its parts, the accuracy and the stop flag come back together.
-        loss_value, stop_now = agree_across_ranks(loss, stop)
-        acc = (out.logits.argmax(dim=1) == pids).float().mean() if out.logits is not None else loss.new_zeros(())
-        zero = loss.new_zeros((), dtype=torch.float32)
-        row = torch.stack([loss_value.float(), parts.get("id", zero).float(), parts.get("triplet", zero).float(),
-                           acc.detach().float()]).double().cpu()
-        if loss_is_finite(row[0], step=steps + skipped + 1, epoch=epoch, last_checkpoint=last_checkpoint,
-                          skip=skip_nonfinite):
-            scaler.step(optimizer)
-            scaler.update()
-            sums += row
-            steps += 1
-            if run_dir is not None and run_dir.is_main and (global_step + steps) % log_every == 0:
-                run_dir.add_scalars({"loss": float(row[0]), "lr": optimizer.param_groups[0]["lr"]},
-                                    global_step + steps, prefix="train/")
-                if bar is None:
-                    logger.info("epoch %d step %d/%d loss %.4f acc %.3f", epoch, steps + skipped, total,
-                                float(row[0]), float(row[3]))
+    try:
+        for images, pids, _, _ in itertools.islice(loader, total):
+            images = images.to(device, non_blocking=True)
+            pids = pids.to(device, non_blocking=True)
+            with autocast(device, precision):
+                out = model(images)
+                loss, parts = criterion(out.logits, out.feat, pids)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            # One host sync per step, after the backward pass is queued: the rank-averaged
+            # loss, its parts, the accuracy and the stop flag come back together.
+            loss_value, stop_now = agree_across_ranks(loss, stop)
+            acc = (out.logits.argmax(dim=1) == pids).float().mean() if out.logits is not None else loss.new_zeros(())
+            zero = loss.new_zeros((), dtype=torch.float32)
+            row = torch.stack([loss_value.float(), parts.get("id", zero).float(), parts.get("triplet", zero).float(),
+                               acc.detach().float()]).double().cpu()
+            if loss_is_finite(row[0], step=steps + skipped + 1, epoch=epoch, last_checkpoint=last_checkpoint,
+                              skip=skip_nonfinite):
+                scaler.step(optimizer)
+                scaler.update()
+                sums += row
+                steps += 1
+                if run_dir is not None and run_dir.is_main and (global_step + steps) % log_every == 0:
+                    run_dir.add_scalars({"loss": float(row[0]), "lr": optimizer.param_groups[0]["lr"]},
+                                        global_step + steps, prefix="train/")
+                    if bar is None:
+                        logger.info("epoch %d step %d/%d loss %.4f acc %.3f", epoch, steps + skipped, total,
+                                    float(row[0]), float(row[3]))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(row[0]):.3f}", acc=f"{float(row[3]):.3f}")
+            else:
+                optimizer.zero_grad(set_to_none=True)  # drop the non-finite gradients of the skipped step
+                skipped += 1
             if bar is not None:
-                bar.set_postfix(loss=f"{float(row[0]):.3f}", acc=f"{float(row[3]):.3f}")
-        else:
-            optimizer.zero_grad(set_to_none=True)  # drop the non-finite gradients of the skipped step
-            skipped += 1
+                bar.update(1)
+            if stop_now:
+                stopped = steps + skipped < total
+                break
+    finally:
         if bar is not None:
-            bar.update(1)
-        if stop_now:
-            stopped = steps + skipped < total
-            break
-    if bar is not None:
-        bar.close()
+            bar.close()  # also when a step raises: the error is not printed over it
     seconds = time.perf_counter() - start
     stats: dict[str, float] = {
         "lr": float(optimizer.param_groups[0]["lr"]),

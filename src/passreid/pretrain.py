@@ -583,38 +583,40 @@ def train_one_epoch(
     start = window = time.perf_counter()
     window_steps = 0
     last_checkpoint = run_dir.last if run_dir is not None else None
-    for i, batch in enumerate(loader):
-        if i >= total:
-            break
-        it = (epoch - 1) * ipe + start_step + i
-        result = train_step(state, batch, epoch, it, last_checkpoint=last_checkpoint, stop=stop)
-        scalars = result.scalars
-        if not result.stats:
-            skipped += 1
-        else:
-            steps += 1
-            window_steps += 1
-            for key, value in result.stats.items():  # summed on the device: no synchronisation per step
-                sums[key] = sums[key] + value.float() if key in sums else value.float().clone()
-            if (it + 1) % log_every == 0:  # reading the values waits for the device: only every log_every steps
-                now = time.perf_counter()
-                rate = window_steps * images_per_step / max(now - window, 1e-9)
-                values = {k: float(v) for k, v in result.stats.items()}
-                if run_dir is not None:
-                    run_dir.add_scalars({**values, **scalars, "images_per_s": rate}, it + 1, prefix="train/")
-                if bar is None:
-                    logger.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s", epoch, start_step + i + 1,
-                                ipe, values["loss"], scalars["lr"], rate)
-                else:
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{rate:.0f}")
-                window, window_steps = now, 0
+    try:
+        for i, batch in enumerate(loader):
+            if i >= total:
+                break
+            it = (epoch - 1) * ipe + start_step + i
+            result = train_step(state, batch, epoch, it, last_checkpoint=last_checkpoint, stop=stop)
+            scalars = result.scalars
+            if not result.stats:
+                skipped += 1
+            else:
+                steps += 1
+                window_steps += 1
+                for key, value in result.stats.items():  # summed on the device: no synchronisation per step
+                    sums[key] = sums[key] + value.float() if key in sums else value.float().clone()
+                if (it + 1) % log_every == 0:  # reading the values waits for the device: only every log_every steps
+                    now = time.perf_counter()
+                    rate = window_steps * images_per_step / max(now - window, 1e-9)
+                    values = {k: float(v) for k, v in result.stats.items()}
+                    if run_dir is not None:
+                        run_dir.add_scalars({**values, **scalars, "images_per_s": rate}, it + 1, prefix="train/")
+                    if bar is None:
+                        logger.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s", epoch, start_step + i + 1,
+                                    ipe, values["loss"], scalars["lr"], rate)
+                    else:
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{rate:.0f}")
+                    window, window_steps = now, 0
+            if bar is not None:
+                bar.update(1)
+            if result.stop:
+                stopped = i + 1 < total
+                break
+    finally:
         if bar is not None:
-            bar.update(1)
-        if result.stop:
-            stopped = i + 1 < total
-            break
-    if bar is not None:
-        bar.close()
+            bar.close()  # also when a step raises: the error is not printed over it
     seconds = time.perf_counter() - start
     out: dict[str, float] = {k: float(v) / steps for k, v in sums.items()} if steps else {}
     out.update(scalars)
