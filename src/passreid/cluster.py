@@ -564,7 +564,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         other ranks or when a stop request ended the run early).
     """
     from passreid.data.datasets import build_dataset, dataset_fingerprint
-    from passreid.features import evaluate_model
+    from passreid.features import evaluate_model, metrics_record
     from passreid.engine import export_model
 
     check_choice("mode", mode, MODES)
@@ -657,7 +657,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                         metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=info.device,
                                                  batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
                                                  precision=precision)
-                        record.update(mAP=metrics["mAP"], rank1=metrics["cmc"][0], mINP=metrics["mINP"])
+                        record.update(metrics_record(metrics))
                         logger.info("epoch %d: mAP %.2f%%, rank-1 %.2f%%", epoch, 100 * metrics["mAP"],
                                     100 * metrics["cmc"][0])
                         if metrics["mAP"] > best["mAP"]:

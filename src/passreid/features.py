@@ -148,3 +148,12 @@ def evaluate_model(
     query = extract_features(model, dataset.query, **kwargs)
     gallery = extract_features(model, dataset.gallery, **kwargs)
     return evaluate_features(query, gallery, rerank=rerank, device=device)
+
+
+def metrics_record(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalars of a metrics dict that a run logs per evaluation: mAP, mINP, rank1/5/10."""
+    record = {"mAP": float(metrics["mAP"]), "mINP": float(metrics["mINP"])}
+    for k in (1, 5, 10):
+        if len(metrics["cmc"]) >= k:
+            record[f"rank{k}"] = float(metrics["cmc"][k - 1])
+    return record

@@ -390,14 +390,6 @@ def train_one_epoch(
 # ----------------------------------------------------------------------------- the run
 
 
-def _eval_record(metrics: dict[str, Any]) -> dict[str, float]:
-    record = {"mAP": float(metrics["mAP"]), "mINP": float(metrics["mINP"])}
-    for k in (1, 5, 10):
-        if len(metrics["cmc"]) >= k:
-            record[f"rank{k}"] = float(metrics["cmc"][k - 1])
-    return record
-
-
 @dataclass
 class RunProgress:
     """Where a run stands beyond the model and optimizer states; stored in ``last.pth`` for ``--resume``.
@@ -565,12 +557,12 @@ def _evaluate_and_keep_best(model: nn.Module, dataset: ReIDDataset, cfg: Finetun
                             epoch: int, run_dir: RunDir, device: torch.device, precision: str,
                             config: dict[str, Any], fingerprint: dict[str, Any]) -> dict[str, float]:
     """Evaluate on query/gallery, update ``state`` and write ``best.pth`` on a new best mAP; returns the metrics."""
-    from passreid.features import evaluate_model
+    from passreid.features import evaluate_model, metrics_record
 
     metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=device,
                              batch_size=cfg.test.batch_size, num_workers=cfg.data.num_workers, flip=cfg.test.flip,
                              precision=precision)
-    state.last_metrics = _eval_record(metrics)
+    state.last_metrics = metrics_record(metrics)
     if state.last_metrics["mAP"] > state.best_mAP:
         state.best_mAP, state.best_epoch = state.last_metrics["mAP"], epoch
         save_training_checkpoint(run_dir.best, model=model, optimizer=None, scheduler=None, scaler=None, epoch=epoch,
