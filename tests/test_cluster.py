@@ -290,3 +290,26 @@ def test_train_one_epoch_steps_and_stops_when_asked():
     stats = train_one_epoch(model, memory, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False), iters=5,
                             epoch=2, device=torch.device("cpu"), stop=stop)
     assert stats["iters"] == 1 and stats["stopped"]
+
+
+def test_fewer_clusters_than_a_batch_holds_shrink_the_batch_instead_of_stopping(banded, tmp_path):
+    """3 clusters with batches of 8 x 4: this epoch's batches hold the 3 clusters x 4 images;
+    a single cluster is an error that names the count and the fix."""
+    from passreid.cluster import _endless_batches
+    from passreid.data.datasets import ImageRecord, build_dataset
+    from passreid.engine import DistInfo
+    from passreid.errors import TrainingError
+
+    cfg = tiny_config(banded, tmp_path / "run", epochs=1)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train = build_dataset("market1501", banded / "data").train
+    three = [ImageRecord(r.path, r.pid % 3, r.camid) for r in train]
+    batches = _endless_batches(three, cfg, info, epoch=1)
+    for _ in range(3):
+        images, labels = next(batches)
+        assert images.shape == (12, 3, *SIZE)
+        assert sorted(torch.bincount(labels).tolist()) == [4, 4, 4]
+    batches.close()
+    one = [ImageRecord(r.path, 0, r.camid) for r in train]
+    with pytest.raises(TrainingError, match=r"epoch 2: DBSCAN found 1 cluster\(s\).*cluster\.eps"):
+        next(_endless_batches(one, cfg, info, epoch=2))

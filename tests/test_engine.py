@@ -155,3 +155,21 @@ def test_unwrap_returns_the_inner_module():
             self.module = inner
 
     assert engine.unwrap(Wrapper()) is inner
+
+
+def test_cores_beside_workers_gives_each_worker_a_core_on_cpu_and_restores():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with engine.cores_beside_workers(1, "cpu"):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3
+        with engine.cores_beside_workers(8, "cpu"):
+            assert torch.get_num_threads() == 1  # never below one thread
+        with engine.cores_beside_workers(0, "cpu"):
+            assert torch.get_num_threads() == 3  # no workers: nothing to leave room for
+        with pytest.raises(RuntimeError), engine.cores_beside_workers(2, "cpu"):
+            raise RuntimeError("a failing step")
+        assert torch.get_num_threads() == 3  # restored after an error too
+    finally:
+        torch.set_num_threads(before)

@@ -52,6 +52,7 @@ from passreid.engine import (
     autocast,
     check_resume_fingerprint,
     cleanup_distributed,
+    cores_beside_workers,
     explain_oom,
     load_training_checkpoint,
     loss_is_finite,
@@ -530,12 +531,22 @@ def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistI
                                                                     cfg.data.pixel_std,
                                                                     color_jitter=cfg.data.color_jitter),
                            skip_corrupt=cfg.data.skip_corrupt)
-    try:
-        sampler = RandomIdentitySampler([r.pid for r in records], batch_size=cfg.optim.batch_size,
-                                        num_instances=cfg.optim.num_instances, seed=cfg.run.seed, rank=info.rank,
-                                        world_size=info.world_size)
-    except DatasetError as exc:
-        raise TrainingError(f"epoch {epoch}: too few clusters for a batch: {exc}, or change cluster.eps") from exc
+    num_clusters = len({r.pid for r in records})
+    per_batch = cfg.optim.batch_size // cfg.optim.num_instances
+    if num_clusters < per_batch:
+        # Fewer clusters than a batch holds (a strict eps, an early epoch): train this epoch
+        # on batches of all of them rather than stop; the contrast needs two at least.
+        per_batch = num_clusters // info.world_size * info.world_size
+        if per_batch < max(2, info.world_size):
+            raise TrainingError(f"epoch {epoch}: DBSCAN found {num_clusters} cluster(s), too few for cluster "
+                                f"contrast on {info.world_size} process(es); raise cluster.eps or start from a "
+                                "better model.pretrained")
+        logger.warning("epoch %d: only %d clusters; batches of %d clusters x %d images this epoch instead of %d x %d",
+                       epoch, num_clusters, per_batch, cfg.optim.num_instances,
+                       cfg.optim.batch_size // cfg.optim.num_instances, cfg.optim.num_instances)
+    sampler = RandomIdentitySampler([r.pid for r in records], batch_size=per_batch * cfg.optim.num_instances,
+                                    num_instances=cfg.optim.num_instances, seed=cfg.run.seed, rank=info.rank,
+                                    world_size=info.world_size)
     loader = DataLoader(dataset, batch_size=sampler.batch_size_per_rank, sampler=sampler,
                         num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", drop_last=True)
     # A pass over the sampler rarely covers exactly `iters` batches: keep drawing
@@ -744,6 +755,8 @@ def uda_stage(ctx: DemoContext) -> list[StageResult]:
     direct_result = result_from_metrics("direct-transfer", direct, time.perf_counter() - start)
 
     start = time.perf_counter()
-    result = run_cluster(demo_config(ctx, source_model), mode="uda")
+    cfg = demo_config(ctx, source_model)
+    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
+        result = run_cluster(cfg, mode="uda")
     metrics = {"mAP": result["metrics"]["mAP"], "cmc": result["metrics"]["cmc"]}
     return [direct_result, result_from_metrics("uda", metrics, time.perf_counter() - start)]

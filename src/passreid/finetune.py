@@ -50,6 +50,7 @@ from passreid.engine import (
     autocast,
     check_resume_fingerprint,
     cleanup_distributed,
+    cores_beside_workers,
     explain_oom,
     export_model,
     gather_rng_states,
@@ -608,14 +609,8 @@ def finetune_for_demo(ctx: DemoContext, name: str, pretrained: str | None = None
     """
     start = time.perf_counter()
     cfg = demo_config(ctx, name, pretrained)
-    threads = torch.get_num_threads()
-    # Leave a core to each loader worker: tiny-model kernels gain little from a second
-    # thread, and oversubscribed cores make their thread pool spin (several times slower).
-    torch.set_num_threads(max(1, threads - cfg.data.num_workers))
-    try:
+    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
         result = run_finetune(cfg)
-    finally:
-        torch.set_num_threads(threads)
     ctx.state["finetuned_checkpoint"] = result["model"]
     ctx.state[f"{name}_checkpoint"] = result["model"]
     metrics = {"mAP": result["metrics"]["mAP"], "cmc": [result["metrics"]["rank1"]]}

@@ -43,6 +43,7 @@ from passreid.engine import (
     autocast,
     check_resume_fingerprint,
     cleanup_distributed,
+    cores_beside_workers,
     cosine_value,
     explain_oom,
     gather_rng_states,
@@ -871,13 +872,8 @@ def pass_pretrain_stage(ctx: DemoContext) -> list[StageResult]:
     if run_path.exists():
         shutil.rmtree(run_path)
     cfg = demo_config(ctx, run_path)
-    threads = torch.get_num_threads()
-    # One core for the loader worker: an oversubscribed core makes the thread pool spin (several times slower).
-    torch.set_num_threads(max(1, threads - cfg.data.num_workers))
-    try:
+    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
         result = run_pretrain(cfg)
-    finally:
-        torch.set_num_threads(threads)
     if result["backbone"] is None:
         raise TrainingError("demo pretraining stopped before the end")
     ctx.state["pretrained_backbone"] = result["backbone"]

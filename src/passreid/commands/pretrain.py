@@ -25,10 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from passreid.config import load_config
+    from passreid.engine import cores_beside_workers
     from passreid.pretrain import PretrainConfig, run_pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    result = run_pretrain(cfg, resume=args.resume, force_resume=args.force_resume, progress=not args.no_progress)
+    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
+        result = run_pretrain(cfg, resume=args.resume, force_resume=args.force_resume,
+                              progress=not args.no_progress)
     if result["stopped"]:
         print(f"stopped after epoch {result['epoch']}; continue with: {resume_command('pretrain', args)}")
         return EXIT_STOPPED

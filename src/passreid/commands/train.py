@@ -29,10 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from passreid.config import load_config
+    from passreid.engine import cores_beside_workers
     from passreid.finetune import FinetuneConfig, run_finetune
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    result = run_finetune(cfg, resume=args.resume, force_resume=args.force_resume, progress=True)
+    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
+        result = run_finetune(cfg, resume=args.resume, force_resume=args.force_resume, progress=True)
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     if result["stopped"]:
         if is_main:

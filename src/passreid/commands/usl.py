@@ -26,9 +26,11 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     """Load the recipe, run cluster contrast in ``mode`` (usl or uda) and print where the model went."""
     from passreid.cluster import ClusterConfig, run_cluster
     from passreid.config import load_config
+    from passreid.engine import cores_beside_workers
 
     cfg = load_config(ClusterConfig, args.config, args.overrides)
-    result = run_cluster(cfg, mode=mode, resume=args.resume, force_resume=args.force_resume)
+    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
+        result = run_cluster(cfg, mode=mode, resume=args.resume, force_resume=args.force_resume)
     if result["stopped"]:
         print(f"stopped early; continue with: {resume_command(mode, args)} "
               f"(checkpoint {result['run_dir']}/last.pth)")
