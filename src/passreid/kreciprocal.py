@@ -136,7 +136,7 @@ def _reciprocal(nn: np.ndarray, n: int) -> np.ndarray:
     num = nn.shape[0]
     forward = np.ascontiguousarray(nn[:, :n])
     mask = np.empty((num, n), dtype=bool)
-    rows = max(1, CHUNK_BYTES // (16 * n * n))
+    rows = max(1, CACHE_BYTES // (16 * n * n))
     for start in range(0, num, rows):
         fwd = forward[start : start + rows]
         back = forward[fwd]  # (C, n, n): the neighbourhoods of i's neighbours
@@ -158,7 +158,7 @@ def _expanded_sets(nn: np.ndarray, n_full: int, n_half: int) -> tuple[np.ndarray
     half_idx = np.ascontiguousarray(nn[:, :n_half])
     half_mask = _reciprocal(nn, n_half)
     half_size = half_mask.sum(1)
-    rows = max(1, min(CHUNK_BYTES // (20 * n_full * n_half), CHUNK_BYTES // max(num, 1)))
+    rows = max(1, min(CACHE_BYTES // (20 * n_full * n_half), CACHE_BYTES // max(num, 1)))
     # member[i - start, j]: j in R(i, k1), then j in R*(i), for the rows of the current chunk
     member = np.zeros((min(rows, num), num), dtype=bool)
     flat_member = member.reshape(-1)
