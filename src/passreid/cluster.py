@@ -531,19 +531,14 @@ def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistI
                                                                     cfg.data.pixel_std,
                                                                     color_jitter=cfg.data.color_jitter),
                            skip_corrupt=cfg.data.skip_corrupt)
+    # Fewer clusters than a batch holds (a strict eps, an early epoch): this epoch's batches
+    # hold all of them (whole clusters per process) rather than the run stopping.
+    full = cfg.optim.batch_size // cfg.optim.num_instances
     num_clusters = len({r.pid for r in records})
-    per_batch = cfg.optim.batch_size // cfg.optim.num_instances
-    if num_clusters < per_batch:
-        # Fewer clusters than a batch holds (a strict eps, an early epoch): train this epoch
-        # on batches of all of them rather than stop; the contrast needs two at least.
-        per_batch = num_clusters // info.world_size * info.world_size
-        if per_batch < max(2, info.world_size):
-            raise TrainingError(f"epoch {epoch}: DBSCAN found {num_clusters} cluster(s), too few for cluster "
-                                f"contrast on {info.world_size} process(es); raise cluster.eps or start from a "
-                                "better model.pretrained")
+    per_batch = min(full, num_clusters // info.world_size * info.world_size)
+    if per_batch < full:
         logger.warning("epoch %d: only %d clusters; batches of %d clusters x %d images this epoch instead of %d x %d",
-                       epoch, num_clusters, per_batch, cfg.optim.num_instances,
-                       cfg.optim.batch_size // cfg.optim.num_instances, cfg.optim.num_instances)
+                       epoch, num_clusters, per_batch, cfg.optim.num_instances, full, cfg.optim.num_instances)
     sampler = RandomIdentitySampler([r.pid for r in records], batch_size=per_batch * cfg.optim.num_instances,
                                     num_instances=cfg.optim.num_instances, seed=cfg.run.seed, rank=info.rank,
                                     world_size=info.world_size)
@@ -634,11 +629,12 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                                            cfg.cluster.k2, search=cfg.cluster.search, device=info.device)
                 labels = _broadcast_labels(labels, info)
                 stats = cluster_stats(labels)
-                if stats["num_clusters"] == 0:
+                if stats["num_clusters"] < max(2, info.world_size):  # a contrast needs two clusters per batch
                     raise TrainingError(
                         f"epoch {epoch}: DBSCAN (eps {cfg.cluster.eps}, min_samples {cfg.cluster.min_samples}) "
-                        f"found no cluster among {len(labels)} images; raise cluster.eps or start from a "
-                        "better model.pretrained")
+                        f"found {stats['num_clusters']} cluster(s) among {len(labels)} images, too few for cluster "
+                        f"contrast on {info.world_size} process(es); raise cluster.eps or start from a better "
+                        "model.pretrained")
                 memory = ClusterMemory.from_features(
                     torch.from_numpy(features).to(info.device), torch.from_numpy(labels).to(info.device),
                     temp=cfg.cluster.temp, momentum=cfg.cluster.momentum, mode=cfg.cluster.memory_mode)
