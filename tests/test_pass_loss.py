@@ -120,7 +120,27 @@ def test_plain_dino_loss_is_the_cls_term_only() -> None:
     out = loss_fn(student, teacher, iteration=0)
     expected, _ = reference_loss(student, teacher, torch.zeros(1, K, dtype=torch.float64), 0.04)
     assert float(out.loss) == pytest.approx(expected, abs=1e-9)
-    assert set(out.stats) == {"loss_cls", "teacher_entropy"}
+    assert set(out.stats) == {"loss_cls", "teacher_entropy", "teacher_usage_entropy"}
+
+
+def test_usage_entropy_is_the_entropy_of_the_batch_mean_distribution() -> None:
+    # Teacher logits that put every image on one prototype (after centering at 0): usage entropy 0;
+    # two halves of the batch on two prototypes: usage entropy of the halves' shares, per-image entropy ~0 in both cases.
+    loss_fn = PASSLoss(K, num_tokens=1)
+    student = ViewLogits(torch.zeros(4, B, K, dtype=torch.float64), ())
+    one = torch.zeros(2, B, K, dtype=torch.float64)
+    one[..., 3] = 10.0
+    out = loss_fn(student, ViewLogits(one, ()), iteration=0)
+    assert float(out.stats["teacher_usage_entropy"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(out.stats["teacher_entropy"]) == pytest.approx(0.0, abs=1e-6)
+    two = torch.zeros(2, B, K, dtype=torch.float64)
+    two[:, : B // 2, 3] = 10.0
+    two[:, B // 2:, 5] = 10.0
+    out = loss_fn(student, ViewLogits(two, ()), iteration=0)
+    share = (B // 2) / B
+    expected = -(share * math.log(share) + (1 - share) * math.log(1 - share))  # log 2 for an even batch
+    assert float(out.stats["teacher_usage_entropy"]) == pytest.approx(expected, abs=1e-6)
+    assert float(out.stats["teacher_entropy"]) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_teacher_entropy_is_log_k_for_a_uniform_teacher() -> None:

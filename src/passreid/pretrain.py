@@ -63,6 +63,7 @@ from passreid.losses.pass_loss import PASSLoss, ViewLogits
 from passreid.models import PassViT, create_model
 from passreid.models.heads import TOKEN_NAMES, PassHeads
 from passreid.models.vit import NUM_PARTS
+from passreid.monitor import RetrievalMonitor, class_token_only, collapse_warning
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class AugConfig:
     global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     local_scale: list[float] = field(default_factory=lambda: [0.1, 0.8])
     local_crops_per_band: int = 3
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
 
     def __post_init__(self) -> None:
         check_choice("aug.backend", self.backend, ("cpu", "gpu"))
@@ -121,6 +125,12 @@ class AugConfig:
             if len(value) != 2 or not 0 < value[0] <= value[1] <= 1:
                 raise ConfigError(f"config key {key!r}: {value} must be [low, high] with 0 < low <= high <= 1")
         check_positive("aug.local_crops_per_band", self.local_crops_per_band)
+        if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
+            raise ConfigError(f"config key 'aug.jitter': {self.jitter} must be [brightness, contrast, saturation, "
+                              f"hue] >= 0 with hue <= 0.5")
+        for key in ("jitter_p", "gray_p"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"config key 'aug.{key}': {getattr(self, key)} must be a probability in [0, 1]")
 
 
 @dataclass
@@ -186,12 +196,33 @@ class PretrainOptimConfig:
 
 
 @dataclass
+class PretrainEvalConfig:
+    """The retrieval monitor (:mod:`passreid.monitor`): with ``dataset`` and ``root`` set (any labelled
+    ReID layout), the teacher backbone's frozen features are evaluated before training and every
+    ``every`` epochs and at the end: mAP / R1 on query/gallery, k-NN identity accuracy on the train split."""
+
+    dataset: str = ""
+    root: str = ""
+    every: int = 1
+    batch_size: int = 128
+    knn_k: int = 20
+
+    def __post_init__(self) -> None:
+        if bool(self.dataset) != bool(self.root):
+            raise ConfigError(f"config keys 'eval.dataset' and 'eval.root' go together; got dataset="
+                              f"{self.dataset!r}, root={self.root!r}")
+        for key in ("every", "batch_size", "knn_k"):
+            check_positive(f"eval.{key}", getattr(self, key))
+
+
+@dataclass
 class PretrainConfig:
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     loss: PretrainLossConfig = field(default_factory=PretrainLossConfig)
     optim: PretrainOptimConfig = field(default_factory=PretrainOptimConfig)
+    eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/pretrain", epochs=100))
 
     def __post_init__(self) -> None:
@@ -207,6 +238,9 @@ class PretrainConfig:
             local_scale=(self.aug.local_scale[0], self.aug.local_scale[1]),
             local_per_band=self.aug.local_crops_per_band,
             banded=self.model.mode == "pass",
+            jitter=(self.aug.jitter[0], self.aug.jitter[1], self.aug.jitter[2], self.aug.jitter[3]),
+            jitter_p=self.aug.jitter_p,
+            gray_p=self.aug.gray_p,
         )
 
 
@@ -264,18 +298,6 @@ class PassPretrainNet(nn.Module):
         cls = self.head(torch.cat(cls_in), 0).unflatten(0, (-1, batch))
         parts = tuple(self.head(torch.cat(part_in[k]), k + 1).unflatten(0, (-1, batch)) for k in range(NUM_PARTS))
         return ViewLogits(cls, parts)
-
-
-def class_token_only(backbone: PassViT, x: Tensor) -> Tensor:
-    """(B, 3, H, W) -> (B, D): the final-normed class token of the sequence ``[cls, patches]``.
-
-    The plain-DINO ablation must not let part tokens take part in attention.
-    """
-    seq = backbone.prepare_tokens(x)
-    seq = torch.cat((seq[:, :1], seq[:, 1 + NUM_PARTS:]), dim=1)
-    for block in backbone.blocks:
-        seq = block(seq)
-    return backbone.norm(seq[:, 0])
 
 
 def build_networks(model_cfg: PretrainModelConfig, img_size: Sequence[int]) -> tuple[PassPretrainNet, PassPretrainNet]:
@@ -692,6 +714,25 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the run
 
 
+def build_monitor(cfg: PretrainConfig, device: torch.device) -> RetrievalMonitor | None:
+    """The frozen-feature monitor on ``cfg.eval``'s labelled set, or None when it is not set."""
+    if not cfg.eval.dataset:
+        return None
+    from passreid.data.datasets import build_dataset
+
+    dataset = build_dataset(cfg.eval.dataset, cfg.eval.root)
+    return RetrievalMonitor(dataset, cfg.data.img_size, device=device, batch_size=cfg.eval.batch_size,
+                            knn_k=cfg.eval.knn_k)
+
+
+def describe_monitor(record: dict[str, Any]) -> str:
+    """``mAP 12.3% R1 30.1% kNN 41.0%`` for the log line."""
+    text = f"mAP {100 * record['mAP']:.1f}% R1 {100 * record.get('rank1', math.nan):.1f}%"
+    if "knn_top1" in record:
+        text += f" kNN {100 * record['knn_top1']:.1f}%"
+    return text
+
+
 def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: bool = False,
                  progress: bool = False) -> dict[str, Any]:
     """PASS (or plain DINO) pretraining on ``cfg.data.root``; one process or one per GPU under ``torchrun``.
@@ -789,6 +830,13 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
                     fingerprint=fingerprint, extra={"resume_step": resume_step, "rng_per_rank": rng_all},
                 )
 
+        monitor = build_monitor(cfg, info.device) if info.is_main else None
+        if monitor is not None and ckpt is None:
+            # Epoch 0: the random-init teacher, the baseline the monitor's later epochs are read against.
+            before = monitor(teacher.backbone, cfg.model.mode)
+            run_dir.log_metrics({"epoch": 0, **before})
+            logger.info("epoch 0 (before training): frozen %s", describe_monitor(before))
+
         stopped = False
         epoch = start_epoch - 1
         with GracefulStop() as stop:
@@ -809,12 +857,19 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
                 start_step = 0
                 last_record = {"epoch": epoch, **{k: v for k, v in stats.items() if k != "stopped"},
                                "seconds": time.perf_counter() - t0}
+                if monitor is not None and (epoch % cfg.eval.every == 0 or epoch == cfg.run.epochs):
+                    last_record.update(monitor(teacher.backbone, cfg.model.mode))
                 run_dir.log_metrics(last_record)
                 save_last(epoch, 0)
                 if info.is_main:
-                    logger.info("epoch %d: loss %.4f (cls %.4f) teacher entropy %.3f, %.0f img/s", epoch,
+                    logger.info("epoch %d: loss %.4f (cls %.4f) teacher entropy %.3f, %.0f img/s%s", epoch,
                                 stats.get("loss", math.nan), stats.get("loss_cls", math.nan),
-                                stats.get("teacher_entropy", math.nan), stats["images_per_s"])
+                                stats.get("teacher_entropy", math.nan), stats["images_per_s"],
+                                f"; frozen {describe_monitor(last_record)}" if "mAP" in last_record else "")
+                    warning = collapse_warning(stats.get("teacher_entropy", math.nan),
+                                               stats.get("teacher_usage_entropy", math.inf), cfg.model.out_dim)
+                    if warning:
+                        logger.warning("epoch %d: %s", epoch, warning)
                 if agree_across_ranks(torch.zeros((), device=info.device), stop)[1]:
                     stopped = epoch < cfg.run.epochs
                     if stopped:

@@ -543,3 +543,60 @@ def _unique_people(rng: np.random.Generator, style: DomainStyle, count: int) -> 
             seen.add(person.signature())
             people.append(person)
     return people
+
+
+def generate_pool(
+    out: str | os.PathLike,
+    num_images: int = 4000,
+    seed: int = 0,
+    domains: Sequence[str] = tuple(DOMAINS),
+    img_size: tuple[int, int] = (128, 64),
+    images_per_person: int = 4,
+    jpeg_quality: int = 92,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write an unlabeled pretraining pool like LUPerson: a flat folder of person crops, each in its own scene.
+
+    A labelled set (:func:`generate_synthetic`) films everyone with the same
+    few cameras, so one background sits behind every image of a camera; self-
+    distillation on such a set learns the six scenes rather than the people.
+    LUPerson's crops come from thousands of videos, so here every image draws a
+    new camera (background, light, colour cast, scale, facing) from a random
+    domain style. Each person appears in ``images_per_person`` images, in
+    different scenes, as a person walks past several street cameras.
+
+    Args:
+        out: folder to create; images are ``PPPPPP_K.jpg`` (person, image), which
+            no ReID loader parses as a label.
+        domains: the style families the scenes are drawn from.
+
+    Returns:
+        The written paths, in order.
+    """
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown or not domains:
+        raise ConfigError(f"unknown synthetic domain(s) {unknown or domains!r}; choose from {', '.join(DOMAINS)}")
+    if num_images < 1 or images_per_person < 1 or seed < 0:
+        raise ConfigError(f"generate_pool needs num_images >= 1, images_per_person >= 1, seed >= 0; got "
+                          f"{num_images}, {images_per_person}, {seed}")
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise DatasetError(f"{out} is not empty; pass overwrite=True (--overwrite)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = (int(img_size[0]), int(img_size[1]))
+    styles = [DOMAINS[d] for d in domains]
+    paths: list[Path] = []
+    for person_index in range(-(-num_images // images_per_person)):
+        rng = np.random.default_rng([seed, 6, person_index])
+        person = random_person(rng, styles[int(rng.integers(len(styles)))])
+        for k in range(min(images_per_person, num_images - len(paths))):
+            style = styles[int(rng.integers(len(styles)))]
+            cam = random_camera(rng, style)
+            path = out / f"{person_index:06d}_{k}.jpg"
+            Image.fromarray(render_image(person, cam, style, size, rng)).save(path, quality=jpeg_quality)
+            paths.append(path)
+    logger.info("wrote an unlabeled pool of %d images (%d people, a scene per image) to %s", len(paths),
+                -(-num_images // images_per_person), out)
+    return paths

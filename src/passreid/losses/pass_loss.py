@@ -49,9 +49,10 @@ class PASSLossOutput(NamedTuple):
     """The total loss (scalar, with grad) and detached statistics for logging.
 
     ``stats`` holds ``loss_cls``, ``loss_part1..3`` (mean over the pairs of that
-    term) and ``teacher_entropy`` (mean entropy of the teacher's sharpened
-    distributions, in nats: it falls towards 0 when the teacher collapses to
-    one prototype and stays near log K when it is uniform).
+    term), ``teacher_entropy`` (mean entropy of the teacher's sharpened
+    per-image distributions, in nats: near log K when it is uniform) and
+    ``teacher_usage_entropy`` (entropy of the batch-averaged distribution: how
+    many prototypes the batch uses; near 0 when every image goes to one).
     """
 
     loss: Tensor
@@ -145,6 +146,7 @@ class PASSLoss(nn.Module):
         num_pairs = 0
         stats: dict[str, Tensor] = {}
         entropy = torch.zeros((), device=device)
+        usage = torch.zeros((), device=device)
         # Softmax over 65536 prototypes and the pair sums need fp32 even under bf16 autocast.
         with torch.autocast(device_type=device.type, enabled=False):
             for t, (t_logits, s_logits) in enumerate(zip(teacher_tokens, student_tokens)):
@@ -161,7 +163,9 @@ class PASSLoss(nn.Module):
                 num_pairs += pairs
                 stats[f"loss_{TOKEN_NAMES[t]}"] = term.detach() / pairs
                 entropy = entropy + torch.special.entr(q).sum(-1).mean().detach()
+                usage = usage + torch.special.entr(q.detach().mean(dim=(0, 1))).sum()
             stats["teacher_entropy"] = entropy / self.num_tokens
+            stats["teacher_usage_entropy"] = usage / self.num_tokens
         return PASSLossOutput(total / num_pairs, stats)
 
     @torch.no_grad()
