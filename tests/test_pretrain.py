@@ -360,6 +360,18 @@ def test_config_errors_name_the_key() -> None:
         load_config(PretrainConfig, overrides=["model.mode=byol"])
     with pytest.raises(ConfigError, match="optim.warmup_epochs"):
         load_config(PretrainConfig, overrides=["run.epochs=5", "optim.warmup_epochs=10"])
+    with pytest.raises(ConfigError, match="aug.jitter"):
+        load_config(PretrainConfig, overrides=["aug.jitter=[0.4,0.4,0.2,0.7]"])
+    with pytest.raises(ConfigError, match="aug.gray_p"):
+        load_config(PretrainConfig, overrides=["aug.gray_p=1.5"])
+
+
+def test_photometric_keys_reach_the_multicrop_spec_and_default_to_the_published_values() -> None:
+    published = load_config(PretrainConfig).multicrop_spec()
+    assert (published.jitter, published.jitter_p, published.gray_p) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2)
+    spec = load_config(PretrainConfig, overrides=["aug.jitter=[0.3,0.3,0.1,0.0]", "aug.jitter_p=0.5",
+                                                   "aug.gray_p=0"]).multicrop_spec()
+    assert (spec.jitter, spec.jitter_p, spec.gray_p) == ((0.3, 0.3, 0.1, 0.0), 0.5, 0.0)
 
 
 def test_batch_larger_than_the_folder_is_a_config_error(image_folder: Path, tmp_path: Path) -> None:
