@@ -619,11 +619,11 @@ class BatchedMultiCrop(MultiCrop):
     def __call__(self, batch: DecodedBatch | Tensor, generator: torch.Generator | None = None) -> MultiCropBatch:
         """A :class:`DecodedBatch` (images on any device, sizes on the CPU), or (B, 3, H, W) uint8 images of one
         size, -> views on the images' device."""
-        if isinstance(batch, Tensor):
-            batch = DecodedBatch(batch, torch.tensor(batch.shape[2:]).expand(batch.shape[0], 2))
-        images, sizes = batch
+        images = batch if isinstance(batch, Tensor) else batch.images
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        same_size = torch.tensor([images.shape[2:]]).repeat(images.shape[0], 1)
+        sizes = same_size if isinstance(batch, Tensor) else batch.sizes
         spec = self.spec
         batch_size, device = images.shape[0], images.device
         boxes = sample_view_boxes(spec, sizes, generator)  # (V, B, 4) on the CPU
