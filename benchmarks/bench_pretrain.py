@@ -4,17 +4,22 @@ For each configuration (default: ViT-S batch 128 and 256, ViT-B batch 64, per GP
 256x128 globals, 128x64 locals, 65536-way heads):
 
 * passreid: ``passreid.pretrain.train_step`` - views made on the GPU by the batched
-  multi-crop from a pinned uint8 batch (what the loader workers deliver after
-  decoding), bf16 autocast, SDPA attention, fused AdamW, vectorised per-tensor
-  clipping and EMA, the batched loss.
+  multi-crop from a pinned, padded uint8 batch of images at their own sizes (what the
+  loader workers deliver after decoding; person-crop shapes: heights 0.5-2x the
+  global view's, width/height 0.3-0.7, as LUPerson's varied crops), bf16 autocast,
+  SDPA attention, fused AdamW, vectorised per-tensor clipping and EMA, the batched loss.
+  The augmentation alone (``aug_ms``) and the step on ready-made views
+  (``model_step_ms``) are also timed: the augmentation keeps up while
+  ``aug_over_model_step`` is well under 1.
 * baseline: the published step - 11 float views made on the CPU and copied to the GPU,
   fp16 autocast with a loss scaler, explicit (unfused) attention, the per-pair loss
   loop, per-parameter clipping with a Python loop (one host synchronisation per
   tensor), per-parameter EMA loop, for-loop AdamW. Same network and loss value.
 
 The data side is measured per loader worker in this process (one thread, as a
-DataLoader worker): JPEG decode + the PIL multi-crop for the baseline, JPEG decode +
-resize to 256x128 uint8 for passreid. End-to-end rate = min(step rate, per-worker
+DataLoader worker), on JPEGs of those shapes: JPEG decode + the PIL multi-crop for the
+baseline, JPEG decode to uint8 at the image's own size (shrunk past the 2x-global cap)
+for passreid. End-to-end rate = min(step rate, per-worker
 rate x CPU cores). MFU = FLOPs of one passreid step (counted by
 ``torch.utils.flop_counter``, teacher forward + student forward/backward) per image x
 images/s / the GPU's dense bf16 peak.
@@ -44,7 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from passreid.data.multicrop import BatchedMultiCrop, CPUMultiCrop, MultiCropSpec
+from passreid.data.multicrop import BatchedMultiCrop, CPUMultiCrop, DecodedBatch, MultiCropBatch, MultiCropSpec
 from passreid.losses.pass_loss import PASSLoss, ViewLogits
 from passreid.models import vit
 from passreid.pretrain import (
@@ -64,17 +69,33 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200",
 # ----------------------------------------------------------------------------- data side
 
 
-def make_jpegs(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
-    """Smooth random colour images of ``size`` (H, W) encoded as JPEG (quality 95), like person crops."""
+def person_shapes(n: int, global_size: tuple[int, int], seed: int = 0) -> list[tuple[int, int]]:
+    """(H, W) of ``n`` person crops of varied size and aspect: height 0.5-2x the global view's, W/H 0.3-0.7."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size[0], 0:size[1]].astype(np.float32)
+    heights = rng.uniform(0.5, 2.0, n) * global_size[0]
+    widths = heights * rng.uniform(0.3, 0.7, n)
+    return [(int(h), max(1, int(w))) for h, w in zip(heights, widths)]
+
+
+def make_images(shapes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
+    """Smooth random colour images of the given (H, W) shapes with a little noise, like person crops."""
+    rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
-        img = np.stack([0.5 + 0.4 * np.sin(rng.uniform(1, 8) * yy / size[0] + rng.uniform(1, 8) * xx / size[1]
+    for height, width in shapes:
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        img = np.stack([0.5 + 0.4 * np.sin(rng.uniform(1, 8) * yy / height + rng.uniform(1, 8) * xx / width
                                            + rng.uniform(0, 6)) for _ in range(3)], axis=-1)
         img += rng.normal(0, 0.05, img.shape)
+        out.append(Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)))
+    return out
+
+
+def encode_jpegs(images: list[Image.Image]) -> list[bytes]:
+    """JPEG (quality 95) of each image."""
+    out = []
+    for img in images:
         buf = io.BytesIO()
-        Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+        img.save(buf, format="JPEG", quality=95)
         out.append(buf.getvalue())
     return out
 
@@ -185,6 +206,16 @@ def _timed(step: Any, device: torch.device, warmup: int, steps: int) -> tuple[fl
     return seconds, peak
 
 
+class FixedViews:
+    """Stands in for the multi-crop of a :class:`PretrainState` to time the model step alone."""
+
+    def __init__(self, views: MultiCropBatch) -> None:
+        self._views = views
+
+    def views(self, batch: Any, device: torch.device, generator: torch.Generator | None = None) -> MultiCropBatch:
+        return self._views
+
+
 def _model_cfg(name: str, quick: bool) -> PretrainModelConfig:
     if quick:
         return PretrainModelConfig(name="pass_vit_tiny", depth=2, out_dim=256, hidden_dim=64, bottleneck_dim=32)
@@ -192,13 +223,16 @@ def _model_cfg(name: str, quick: bool) -> PretrainModelConfig:
 
 
 def bench_config(name: str, batch: int, args: argparse.Namespace, device: torch.device,
-                 spec: MultiCropSpec) -> dict[str, Any]:
+                 spec: MultiCropSpec, max_size: tuple[int, int]) -> dict[str, Any]:
     torch.manual_seed(0)
     cfg = _model_cfg(name, args.quick)
-    images = torch.randint(0, 256, (batch, 3, *spec.global_size), dtype=torch.uint8)
+    multicrop = BatchedMultiCrop(spec, max_size)
+    pil_images = make_images(person_shapes(batch, spec.global_size, seed=batch))
+    decode = multicrop.image_transform()
+    images = multicrop.collate([(decode(img), -1, -1, i) for i, img in enumerate(pil_images)])
     if device.type == "cuda":
-        images = images.pin_memory()
-    result: dict[str, Any] = {"model": name, "batch": batch}
+        images = DecodedBatch(images.images.pin_memory(), images.sizes.pin_memory())
+    result: dict[str, Any] = {"model": name, "batch": batch, "padded_hw": list(images.images.shape[2:])}
 
     # passreid
     student, teacher = build_networks(cfg, spec.global_size)
@@ -210,16 +244,25 @@ def bench_config(name: str, batch: int, args: argparse.Namespace, device: torch.
         scaler=torch.amp.GradScaler(device.type, enabled=False),
         schedule=PretrainSchedule(iters_per_epoch=10**6, epochs=100, peak_lr=1e-4, min_lr=1e-6, warmup_epochs=0,
                                   weight_decay=0.04, weight_decay_end=0.4, momentum=0.996, momentum_end=1.0),
-        multicrop=BatchedMultiCrop(spec, spec.global_size), device=device,
+        multicrop=multicrop, device=device,
         precision="bf16" if device.type == "cuda" else "fp32",
     )
     it = iter(range(10**9))
     seconds, peak = _timed(lambda: train_step(state, images, epoch=2, it=next(it)), device, args.warmup, args.steps)
     result.update(passreid_step_img_s=batch / seconds, passreid_peak_gib=peak)
-    flop_batch = images[: min(4, batch)]
+    # The two halves of that step: the augmentation alone, and the step on views made beforehand.
+    aug_seconds, _ = _timed(lambda: multicrop.views(images, device), device, args.warmup, args.steps)
+    state.multicrop = FixedViews(multicrop.views(images, device))  # type: ignore[assignment]
+    model_seconds, _ = _timed(lambda: train_step(state, images, epoch=2, it=next(it)), device, args.warmup,
+                              args.steps)
+    result.update(aug_ms=aug_seconds * 1e3, model_step_ms=model_seconds * 1e3,
+                  aug_over_model_step=aug_seconds / model_seconds)
+    # FLOPs of the model step only (teacher forward, student forward and backward), on 4 images.
+    flop_batch = DecodedBatch(images.images[: min(4, batch)], images.sizes[: min(4, batch)])
+    state.multicrop = FixedViews(multicrop.views(flop_batch, device))  # type: ignore[assignment]
     with FlopCounterMode(display=False) as counter:
         train_step(state, flop_batch, epoch=2, it=0)
-    result["gflop_per_image"] = counter.get_total_flops() / flop_batch.shape[0] / 1e9
+    result["gflop_per_image"] = counter.get_total_flops() / flop_batch.images.shape[0] / 1e9
     del state, student, teacher, loss_fn
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -232,7 +275,7 @@ def bench_config(name: str, batch: int, args: argparse.Namespace, device: torch.
     optimizer = torch.optim.AdamW(param_groups(student), lr=1e-4, foreach=False)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     cpu_views = CPUMultiCrop(spec)
-    sample = [cpu_views(Image.fromarray(images[i].permute(1, 2, 0).numpy()))[0] for i in range(min(batch, 8))]
+    sample = [cpu_views(img)[0] for img in pil_images[:8]]
     views = [torch.stack([sample[i % len(sample)][v] for i in range(batch)]) for v in range(spec.num_views)]
     if device.type == "cuda":
         views = [v.pin_memory() for v in views]
@@ -273,15 +316,16 @@ def main() -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((p for key, p in PEAK_TFLOPS if key in device_name), None)
 
-    jpegs = make_jpegs(16, (256, 128) if not args.quick else (64, 32))
+    max_size = (2 * spec.global_size[0], 2 * spec.global_size[1])  # the batched backend's default cap, 512x256
+    jpegs = encode_jpegs(make_images(person_shapes(16, spec.global_size)))
     seconds = 0.5 if args.quick else 3.0
     baseline_worker = worker_rate(jpegs, CPUMultiCrop(spec), seconds)
-    decode_worker = worker_rate(jpegs, BatchedMultiCrop(spec, spec.global_size).image_transform(), seconds)
+    decode_worker = worker_rate(jpegs, BatchedMultiCrop(spec, max_size).image_transform(), seconds)
 
     rows = []
     for item in args.configs:
         name, batch = item.split(":")
-        row = bench_config(name, int(batch), args, device, spec)
+        row = bench_config(name, int(batch), args, device, spec, max_size)
         row["baseline_e2e_img_s"] = min(row["baseline_step_img_s"], baseline_worker * args.cpu_cores)
         row["passreid_e2e_img_s"] = min(row["passreid_step_img_s"], decode_worker * args.cpu_cores)
         row["speedup_e2e"] = row["passreid_e2e_img_s"] / row["baseline_e2e_img_s"]
@@ -292,7 +336,8 @@ def main() -> int:
         print(f"{name:>15} batch {int(batch):>4}: passreid {row['passreid_step_img_s']:8.1f} img/s "
               f"(e2e {row['passreid_e2e_img_s']:8.1f}, MFU {mfu}, peak {row['passreid_peak_gib']} GiB) | "
               f"baseline {row['baseline_step_img_s']:8.1f} img/s (e2e {row['baseline_e2e_img_s']:8.1f}, "
-              f"peak {row['baseline_peak_gib']} GiB) | e2e x{row['speedup_e2e']:.2f}", flush=True)
+              f"peak {row['baseline_peak_gib']} GiB) | e2e x{row['speedup_e2e']:.2f} | augmentation "
+              f"{row['aug_ms']:.1f} ms vs model step {row['model_step_ms']:.1f} ms", flush=True)
     report = {
         "device": device_name, "peak_tflops": peak, "cpu_cores": args.cpu_cores, "torch": torch.__version__,
         "baseline_aug_img_s_per_worker": baseline_worker, "passreid_decode_img_s_per_worker": decode_worker,

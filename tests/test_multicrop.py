@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -12,6 +13,7 @@ from passreid.data.multicrop import (
     BANDS,
     BatchedMultiCrop,
     CPUMultiCrop,
+    DecodeImage,
     MultiCropSpec,
     adjust_brightness,
     adjust_contrast,
@@ -21,6 +23,7 @@ from passreid.data.multicrop import (
     build_multicrop,
     crop_resize_pil,
     gaussian_blur,
+    pad_images,
     photometric,
     resized_crops,
     sample_crop_boxes,
@@ -30,6 +33,8 @@ from passreid.data.multicrop import (
 
 SPEC = MultiCropSpec(global_size=(64, 32), local_size=(32, 16))
 H, W = 128, 64
+SHAPES = ((300, 100), (128, 128), (90, 60), (512, 200), (60, 150), (400, 20))
+"""(H, W) of images of several sizes and aspects: tall, square, small, large, wide, too thin for the ratio range."""
 
 
 def _smooth_image(seed: int = 0, size: tuple[int, int] = (H, W)) -> Image.Image:
@@ -86,8 +91,8 @@ def test_band_rows_are_half_the_image_at_0_quarter_half() -> None:
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 def test_every_local_crop_of_band_k_lies_inside_band_k(backend: str) -> None:
     torch.manual_seed(1)
-    multicrop = build_multicrop(backend, SPEC, decode_size=(H, W))
-    images = [_smooth_image(i) for i in range(12)]
+    multicrop = build_multicrop(backend, SPEC, None)
+    images = [_smooth_image(i, SHAPES[i % 4]) for i in range(12)]
     batch = multicrop.collate([(multicrop.image_transform()(img), -1, -1, i) for i, img in enumerate(images)])
     views = multicrop.views(batch, torch.device("cpu"))
     boxes = views.boxes  # (11, B, 4) fractions: top, left, height, width
@@ -105,8 +110,8 @@ def test_every_local_crop_of_band_k_lies_inside_band_k(backend: str) -> None:
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 def test_view_counts_and_sizes(backend: str) -> None:
     torch.manual_seed(2)
-    multicrop = build_multicrop(backend, SPEC, decode_size=(H, W))
-    samples = [(multicrop.image_transform()(_smooth_image(i)), -1, -1, i) for i in range(3)]
+    multicrop = build_multicrop(backend, SPEC, (H, W))
+    samples = [(multicrop.image_transform()(_smooth_image(i, SHAPES[i])), -1, -1, i) for i in range(3)]
     views = multicrop.views(multicrop.collate(samples), torch.device("cpu"))
     assert views.global_views.shape == (2, 3, 3, 64, 32)
     assert views.local_views.shape == (9, 3, 3, 32, 16)
@@ -117,7 +122,7 @@ def test_view_counts_and_sizes(backend: str) -> None:
 def test_plain_dino_local_crops_come_from_the_whole_image() -> None:
     torch.manual_seed(3)
     spec = MultiCropSpec(global_size=(64, 32), local_size=(32, 16), local_scale=(0.05, 0.4), banded=False)
-    boxes = sample_view_boxes(spec, 400, H, W).float()
+    boxes = sample_view_boxes(spec, torch.tensor([[H, W]]).expand(400, 2)).float()
     local = boxes[2:]
     assert local.shape == (9, 400, 4)
     # Unbanded crops reach rows of every band, including crops spanning the middle of the image.
@@ -125,21 +130,131 @@ def test_plain_dino_local_crops_come_from_the_whole_image() -> None:
     assert ((local[..., 0] < H / 2 - 10) & (local[..., 0] + local[..., 2] > H / 2 + 10)).any()
 
 
-def test_batched_crop_matches_pil_crop_and_resize() -> None:
-    """Same boxes and flips: the grid_sample views equal PIL crop + bicubic resize (upscaling crops)."""
-    image = _smooth_image(4)
-    source = TF.pil_to_tensor(image).float()[None] / 255
-    boxes = torch.tensor([[[10, 4, 40, 20]], [[60, 30, 50, 30]], [[0, 0, 128, 64]]])  # (V=3, B=1, 4)
-    flips = torch.tensor([[False], [True], [False]])
-    batched = resized_crops(source, boxes, flips, (64, 32))
-    for v in range(3):
-        pil = TF.pil_to_tensor(crop_resize_pil(image, boxes[v, 0].tolist(), bool(flips[v, 0]), (64, 32))).float() / 255
-        diff = (batched[v, 0] - pil).abs()
-        # The mean error is resampling noise; a wrong box, axis or flip gives errors of ~0.2.
-        assert diff.mean() < 0.02, (v, float(diff.mean()))
-    # The flipped view is the mirror of the unflipped one.
-    mirrored = resized_crops(source, boxes[1:2], torch.tensor([[False]]), (64, 32)).flip(-1)
-    torch.testing.assert_close(batched[1], mirrored[0], rtol=0, atol=1e-5)
+def test_boxes_are_drawn_in_each_images_own_pixels() -> None:
+    """Aspect-ratio range, fit and fallback hold in every image's own pixels, not in a resized copy."""
+    torch.manual_seed(2)
+    sizes = torch.tensor(SHAPES).repeat(200, 1)  # (B, 2), every shape 200 times
+    boxes = sample_view_boxes(SPEC, sizes)  # (11, B, 4) pixels
+    top, left, h, w = boxes.unbind(-1)
+    height, width = sizes[:, 0], sizes[:, 1]
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    # w / h in [3/4, 4/3] in pixels, up to the rounding of h and w to whole pixels
+    assert ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
+    fits = width > 20  # every image but the 20-pixel-wide one has global boxes that fit
+    glob_area = ((h + 0.5) * (w + 0.5))[:2, fits] / (height * width)[fits]
+    assert glob_area.min() >= 0.4
+    # 400x20 is too thin for any 3/4..4/3 box of 40% of its area: torchvision's fallback, the centred crop
+    # clamped to ratio 3/4 in its own pixels: 20 wide, round(20 / 0.75) = 27 high, top (400 - 27) // 2.
+    thin = sizes[:, 1] == 20
+    assert (boxes[:2, thin] == torch.tensor([186, 0, 27, 20])).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_both_backends_cut_the_same_boxes_with_the_same_pixels(shape: tuple[int, int]) -> None:
+    """Same seed, same image: the same boxes and flips on both backends, and views within PIL's 8-bit rounding.
+
+    PIL rounds its intermediate and its output to 8 bits (0.5/255 each), the batched
+    resampling stays in float: the mean difference is about 0.3/255 and a few pixels
+    next to a sharp edge differ by a few 1/255 where bicubic rings. A box taken in a
+    squashed copy, or a resize without antialiasing, moves the mean/std of a view by
+    several 1/255 (the coloured waves and the bright corner shift).
+    """
+    spec = SPEC.geometric_only()
+    image = _smooth_image(sum(shape), shape)
+    cpu, gpu = CPUMultiCrop(spec), BatchedMultiCrop(spec, None)
+    torch.manual_seed(30)
+    cpu_views, cpu_boxes, cpu_flips = cpu(image)
+    torch.manual_seed(30)
+    gpu_views = gpu.views(gpu.collate([(gpu.image_transform()(image), -1, -1, 0)]), torch.device("cpu"))
+    torch.testing.assert_close(gpu_views.boxes[:, 0], cpu_boxes, rtol=0, atol=0)
+    assert torch.equal(gpu_views.flips[:, 0], cpu_flips)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    for v, cpu_view in enumerate(cpu_views):
+        view = gpu_views.global_views[v, 0] if v < 2 else gpu_views.local_views[v - 2, 0]
+        ours, pil = view * std, cpu_view * std  # back to [0, 1] units
+        assert (ours - pil).abs().mean() < 0.6 / 255, v
+        torch.testing.assert_close(ours.mean(dim=(1, 2)), pil.mean(dim=(1, 2)), rtol=0, atol=0.5 / 255)
+        torch.testing.assert_close(ours.std(dim=(1, 2)), pil.std(dim=(1, 2)), rtol=0, atol=0.5 / 255)
+
+
+def test_views_of_a_padded_batch_of_mixed_sizes_are_pil_crops_of_each_image() -> None:
+    """One batch of all shapes: each view is PIL's crop + antialiased bicubic resize of its own image;
+    the padding of the smaller images never leaks into their views."""
+    spec = SPEC.geometric_only()
+    images = [_smooth_image(i, shape) for i, shape in enumerate(SHAPES)]
+    gpu = BatchedMultiCrop(spec, None)
+    torch.manual_seed(31)
+    batch = gpu.collate([(gpu.image_transform()(img), -1, -1, i) for i, img in enumerate(images)])
+    assert batch.images.shape == (6, 3, 512, 200) and batch.sizes.tolist() == [list(s) for s in SHAPES]
+    views = gpu.views(batch, torch.device("cpu"))
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    for b, image in enumerate(images):
+        pixels = torch.tensor([*SHAPES[b], *SHAPES[b]], dtype=torch.float32)
+        for v in range(spec.num_views):
+            box = (views.boxes[v, b] * pixels).round().long().tolist()
+            size = spec.global_size if v < 2 else spec.local_size
+            pil = TF.pil_to_tensor(crop_resize_pil(image, box, bool(views.flips[v, b]), size)).float() / 255
+            view = views.global_views[v, b] if v < 2 else views.local_views[v - 2, b]
+            diff = (view * std + mean - pil).abs()
+            assert diff.mean() < 0.6 / 255 and diff.max() < 8 / 255, (b, v, float(diff.mean()), float(diff.max()))
+
+
+def test_resized_crops_equal_pil_at_the_edges_of_a_padded_image() -> None:
+    """Boxes touching the bottom-right corner of a small image padded into a larger batch, up and down scaled,
+    flipped: PIL's resize of the image itself (which sees the pixels around the box, not the padding)."""
+    small, large = _smooth_image(4, (90, 60)), _smooth_image(5, (300, 100))
+    batch = pad_images([TF.pil_to_tensor(small), TF.pil_to_tensor(large)])
+    source = batch.images.float() / 255
+    boxes = torch.tensor([[[50, 30, 40, 30], [0, 0, 300, 100]], [[10, 4, 80, 56], [120, 37, 150, 63]]])  # (2, 2, 4)
+    flips = torch.tensor([[False, True], [True, False]])
+    out = resized_crops(source, batch.sizes, boxes, flips, (64, 32))
+    for v in range(2):
+        for b, image in enumerate((small, large)):
+            pil = TF.pil_to_tensor(crop_resize_pil(image, boxes[v, b].tolist(), bool(flips[v, b]), (64, 32)))
+            diff = (out[v, b] - pil.float() / 255).abs()
+            # a few 1/255 where bicubic rings at the bright corner; leaking padding would give ~0.5 at the edges
+            assert diff.mean() < 0.6 / 255 and diff.max() < 8 / 255, (v, b, float(diff.mean()), float(diff.max()))
+
+
+def test_resampling_is_torchs_antialiased_bicubic_for_a_whole_image_box() -> None:
+    """An independent reference: F.interpolate(bicubic, antialias=True) of the whole image, shrinking 3x and 2x."""
+    images = torch.rand(2, 3, 150, 90, generator=torch.Generator().manual_seed(32))
+    sizes = torch.tensor([[150, 90], [150, 90]])
+    for size in ((50, 30), (75, 45), (64, 32)):
+        boxes = torch.tensor([[0, 0, 150, 90]]).expand(1, 2, 4)
+        ours = resized_crops(images, sizes, boxes, torch.zeros(1, 2, dtype=torch.bool), size)[0]
+        theirs = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_a_shrinking_crop_is_antialiased() -> None:
+    """A one-pixel checkerboard shrunk 4x is uniform grey, as PIL gives; point sampling would keep black and white."""
+    yy, xx = torch.meshgrid(torch.arange(256), torch.arange(128), indexing="ij")
+    board = ((yy + xx) % 2).float().expand(1, 3, 256, 128)
+    out = resized_crops(board, torch.tensor([[256, 128]]), torch.tensor([[[0, 0, 256, 128]]]),
+                        torch.tensor([[False]]), (64, 32))
+    assert abs(float(out.mean()) - 0.5) < 0.01 and float(out.std()) < 0.01
+    pil = TF.pil_to_tensor(crop_resize_pil(TF.to_pil_image(board[0]), [0, 0, 256, 128], False, (64, 32)))
+    assert float((pil.float() / 255).std()) < 0.01
+
+
+def test_decode_keeps_the_image_size_and_shrinks_only_beyond_the_cap() -> None:
+    tall = Image.new("RGB", (50, 200))  # PIL sizes are (W, H)
+    assert DecodeImage((64, 32))(tall).shape == (3, 64, 16)  # shrunk by min(64/200, 32/50), aspect kept
+    assert DecodeImage((64, 32))(Image.new("RGB", (20, 40))).shape == (3, 40, 20)  # smaller: as it is
+    assert DecodeImage(None)(tall).shape == (3, 200, 50)
+    decoded = DecodeImage(None)(Image.new("RGB", (3, 2), (10, 20, 30)))
+    assert decoded.dtype == torch.uint8 and decoded[:, 1, 2].tolist() == [10, 20, 30]
+
+
+def test_pad_images_keeps_each_image_in_the_top_left_corner() -> None:
+    a = torch.full((3, 5, 7), 1, dtype=torch.uint8)
+    b = torch.full((3, 9, 2), 2, dtype=torch.uint8)
+    batch = pad_images([a, b])
+    assert batch.images.shape == (2, 3, 16, 8) and batch.sizes.tolist() == [[5, 7], [9, 2]]  # rounded up to 8
+    assert (batch.images[0, :, :5, :7] == 1).all() and batch.images[0].sum() == 3 * 5 * 7
+    assert (batch.images[1, :, :9, :2] == 2).all() and batch.images[1].sum() == 2 * 3 * 9 * 2
 
 
 # ----------------------------------------------------------------------------- photometric ops
@@ -200,7 +315,7 @@ def test_photometric_probabilities() -> None:
 
 def _view_statistics(backend: str, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    multicrop = build_multicrop(backend, SPEC, decode_size=(H, W))
+    multicrop = build_multicrop(backend, SPEC, (H, W))
     samples = [(multicrop.image_transform()(_smooth_image(i % 6)), -1, -1, i) for i in range(32)]
     views = multicrop.views(multicrop.collate(samples), torch.device("cpu"))
     area = views.boxes[..., 2] * views.boxes[..., 3]

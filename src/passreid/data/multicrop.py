@@ -7,15 +7,18 @@ Each image gives 2 global views (RandomResizedCrop of the whole image, scale
 the student uses for that crop. Then flip, colour jitter, grayscale, Gaussian
 blur and solarisation as DINO, and ImageNet normalisation.
 
-Two implementations with the same views and the same crop-box sampler:
+Two implementations with the same views and the same crop-box sampler (boxes drawn in each image's
+own pixels):
 
 - :class:`CPUMultiCrop`: PIL + torchvision v2 per image in the DataLoader
   workers (the original recipe; CPU-bound at a few hundred images/s per core).
-- :class:`BatchedMultiCrop`: the workers only decode and resize to a fixed size
-  (uint8), and all views of a batch are made on the training device: crop and
-  resize by one bicubic ``grid_sample`` per view size, photometric ops with
-  per-sample random parameters. Random parameters are drawn on the CPU from the
-  torch RNG, so a run is reproducible whatever the device.
+- :class:`BatchedMultiCrop`: the workers only decode each image at its own size
+  (uint8, shrunk to fit a cap if larger), and all views of a batch are made on
+  the training device: each view is cut from its own image in that image's
+  pixels and resized with PIL's antialiased bicubic rule by two batched matrix
+  products per view size; photometric ops with per-sample random parameters.
+  Random parameters are drawn on the CPU from the torch RNG, so a run is
+  reproducible whatever the device.
 
 Both return a :class:`MultiCropBatch` with the crop boxes, which tests use to
 check the band geometry. ``banded=False`` gives plain DINO local crops (from
@@ -28,14 +31,14 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from passreid.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -142,72 +145,82 @@ def band_rows(height: int, band: tuple[float, float]) -> tuple[int, int]:
 
 def sample_crop_boxes(
     n: int,
-    height: int,
-    width: int,
+    height: int | Tensor,
+    width: int | Tensor,
     scale: Sequence[float],
     ratio: Sequence[float],
     generator: torch.Generator | None = None,
     attempts: int = 10,
 ) -> Tensor:
-    """``n`` RandomResizedCrop boxes in a ``height x width`` region, vectorised.
+    """``n`` RandomResizedCrop boxes, each in its own ``height x width`` region, vectorised.
 
     The distribution of torchvision's ``RandomResizedCrop.get_params``: area
     uniform in ``scale`` times the region area, log aspect ratio uniform, up to
     ``attempts`` tries for a box that fits, else a centred crop clamped to
-    ``ratio``; the position is uniform among the positions that fit.
+    ``ratio``; the position is uniform among the positions that fit. All of it
+    happens in the region's own pixels, so the aspect-ratio range and the
+    fallback hold in the real image whatever its shape.
+
+    Args:
+        height, width: the region size, one int for all boxes or (n,) integer tensors.
 
     Returns:
         (n, 4) int64 ``(top, left, h, w)`` in region pixels.
     """
-    area = height * width
-    target = area * torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator)
+    height = torch.as_tensor(height, dtype=torch.float64).expand(n)
+    width = torch.as_tensor(width, dtype=torch.float64).expand(n)
+    region_h, region_w = height[:, None].float(), width[:, None].float()
+    target = region_h * region_w * torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator)
     log_ratio = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     aspect = torch.exp(log_ratio)
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= region_w) & (h > 0) & (h <= region_h)
     first = torch.argmax(fits.int(), dim=1)  # index of the first attempt that fits (0 if none)
-    w = w.gather(1, first[:, None]).squeeze(1)
-    h = h.gather(1, first[:, None]).squeeze(1)
+    w = w.gather(1, first[:, None]).squeeze(1).double()
+    h = h.gather(1, first[:, None]).squeeze(1).double()
     found = fits.any(dim=1)
 
-    # Fallback: the whole region, clamped to the ratio range (torchvision's rule).
+    # Fallback: the whole region, clamped to the ratio range (torchvision's rule, in float64 as its Python).
     in_ratio = width / height
-    if in_ratio < min(ratio):
-        fb_w, fb_h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fb_h, fb_w = height, int(round(height * max(ratio)))
-    else:
-        fb_w, fb_h = width, height
-    w = torch.where(found, w, torch.full_like(w, fb_w))
-    h = torch.where(found, h, torch.full_like(h, fb_h))
+    too_tall, too_wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fb_w = torch.where(too_wide, torch.round(height * max(ratio)), width)
+    fb_h = torch.where(too_tall, torch.round(width / min(ratio)), height)
+    w = torch.where(found, w, fb_w)
+    h = torch.where(found, h, fb_h)
 
-    u = torch.rand(n, 2, generator=generator)
-    top = torch.floor(u[:, 0] * (height - h + 1))
-    left = torch.floor(u[:, 1] * (width - w + 1))
-    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.floor((height - h) / 2))
+    left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), torch.floor((width - w) / 2))
     return torch.stack((top, left, h, w), dim=1).long()
 
 
-def sample_view_boxes(
-    spec: MultiCropSpec, batch: int, height: int, width: int, generator: torch.Generator | None = None
-) -> Tensor:
-    """Boxes of all views for ``batch`` images of ``height x width``: (2 + L, B, 4) int64 image pixels.
+def sample_view_boxes(spec: MultiCropSpec, sizes: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Boxes of all views of B images, each in its own pixels.
 
-    Local boxes are sampled inside their band and shifted to image rows.
+    Args:
+        sizes: (B, 2) integer ``(H, W)`` of each image.
+
+    Returns:
+        (2 + L, B, 4) int64 ``(top, left, h, w)`` in pixels of each image; local
+        boxes are sampled inside their band and shifted to image rows.
     """
-    glob = sample_crop_boxes(NUM_GLOBAL * batch, height, width, spec.global_scale, spec.ratio, generator)
+    batch = sizes.shape[0]
+    heights, widths = sizes[:, 0].double(), sizes[:, 1].double()
+    glob = sample_crop_boxes(NUM_GLOBAL * batch, heights.repeat(NUM_GLOBAL), widths.repeat(NUM_GLOBAL),
+                             spec.global_scale, spec.ratio, generator)
     boxes = [glob.view(NUM_GLOBAL, batch, 4)]
     if spec.banded:
-        for band in BANDS:
-            top, rows = band_rows(height, band)
-            local = sample_crop_boxes(spec.local_per_band * batch, rows, width, spec.local_scale, spec.ratio,
+        for low, high in BANDS:
+            top, rows = torch.floor(heights * low).long(), torch.floor(heights * (high - low))  # as band_rows
+            local = sample_crop_boxes(spec.local_per_band * batch, rows.repeat(spec.local_per_band),
+                                      widths.repeat(spec.local_per_band), spec.local_scale, spec.ratio,
                                       generator).view(spec.local_per_band, batch, 4)
             local[..., 0] += top
             boxes.append(local)
     else:
-        boxes.append(sample_crop_boxes(spec.num_local * batch, height, width, spec.local_scale, spec.ratio,
+        boxes.append(sample_crop_boxes(spec.num_local * batch, heights.repeat(spec.num_local),
+                                       widths.repeat(spec.num_local), spec.local_scale, spec.ratio,
                                        generator).view(spec.num_local, batch, 4))
     return torch.cat(boxes)
 
@@ -324,40 +337,82 @@ def gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float) -> Tensor:
     return y.reshape(n, c, height, width)
 
 
-def resized_crops(images: Tensor, boxes: Tensor, flips: Tensor, size: tuple[int, int]) -> Tensor:
-    """Crop and resize every image to several views at once with one bicubic ``grid_sample``.
+def bicubic_kernel(x: Tensor) -> Tensor:
+    """Keys' cubic convolution kernel with a = -0.5 (PIL's and torch's antialiased bicubic), support [-2, 2]."""
+    x = x.abs()
+    near = (1.5 * x - 2.5) * x * x + 1
+    far = -0.5 * (((x - 5) * x + 8) * x - 4)
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_weights(start: Tensor, length: Tensor, extent: Tensor, out_size: int, padded: int) -> Tensor:
+    """Antialiased bicubic resampling of a span of one image axis, as dense matrices (PIL's rule).
+
+    Output pixel ``j`` is centred at ``start + (j + 0.5) * length / out_size``;
+    when shrinking, the kernel is stretched by the scale, so every input pixel
+    is averaged in (antialiasing). As PIL's ``resize(box=...)``, pixels just
+    outside the span but inside the image contribute at the span's edges;
+    pixels at or beyond ``extent`` (padding) never do. Weights are normalised.
 
     Args:
-        images: (B, C, H, W) float.
-        boxes: (V, B, 4) ``(top, left, h, w)`` in pixels of ``images``, on their device.
-        flips: (V, B) bool, mirror the view, on their device.
+        start, length: (N,) float, the span in pixels.
+        extent: (N,) float, the image's size on this axis.
+        out_size: output pixels.
+        padded: the axis length of the padded source.
+
+    Returns:
+        (N, out_size, padded) float: output = weights @ source along the axis.
+    """
+    n, device, dtype = start.shape[0], start.device, start.dtype
+    scale = length / out_size
+    stretch = scale.clamp_min(1.0)[:, None, None]  # > 1 only when shrinking
+    centre = start[:, None] + (torch.arange(out_size, device=device, dtype=dtype) + 0.5) * scale[:, None]
+    # Enough taps for the widest kernel any span of the padded axis needs (a bound from shapes: no sync).
+    taps = 2 * math.ceil(2.0 * max(padded / out_size, 1.0)) + 1
+    first = torch.floor(centre - 2.0 * stretch[..., 0] + 0.5).clamp_min_(0)
+    index = first[..., None] + torch.arange(taps, device=device, dtype=dtype)  # (N, out, taps)
+    weights = bicubic_kernel((index + 0.5 - centre[..., None]) / stretch)
+    weights = weights * (index < extent[:, None, None])
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    dense = torch.zeros(n, out_size, padded, device=device, dtype=dtype)
+    return dense.scatter_add_(2, index.long().clamp_max_(padded - 1), weights)
+
+
+def resized_crops(images: Tensor, sizes: Tensor, boxes: Tensor, flips: Tensor, size: tuple[int, int]) -> Tensor:
+    """Crop and resize each image of a padded batch to several views, antialiased, in two batched products.
+
+    Every view is PIL's ``resize(size, BICUBIC, box)`` of its own image:
+    separable antialiased bicubic weights (:func:`resample_weights`), columns
+    first, in float (PIL rounds an 8-bit intermediate: views differ from PIL's
+    by under 1/255 on average, a few 1/255 at sharp edges where bicubic rings).
+    The horizontal pass of all views of an image is one matrix product, the
+    vertical pass of all views one batched product: a few kernels per call
+    whatever the batch size. Work and scratch memory grow with the padded
+    size (about ``B * 3 * Hp * V * Wo`` floats of scratch).
+
+    Args:
+        images: (B, C, Hp, Wp) float in [0, 1]; image b fills ``[:, :H_b, :W_b]``.
+        sizes: (B, 2) ``(H_b, W_b)``, on the images' device.
+        boxes: (V, B, 4) ``(top, left, h, w)`` in pixels of each image, on the images' device.
+        flips: (V, B) bool, mirror the view, on the images' device.
         size: (Ho, Wo) output size.
 
     Returns:
-        (V, B, C, Ho, Wo), clamped to [0, 1]. Output pixel centres map to the
-        box exactly as a crop followed by a resize (``align_corners=False``);
-        pixels beyond the image border are replicated. No antialiasing: a
-        downscaling crop (at most 1.6x with the published scales) is sampled, not averaged.
+        (V, B, C, Ho, Wo) in [0, 1].
     """
-    batch, channels, height, width = images.shape
+    batch, channels, pad_h, pad_w = images.shape
     views = boxes.shape[0]
     out_h, out_w = size
-    boxes = boxes.to(device=images.device, dtype=images.dtype)
-    top, left, box_h, box_w = boxes.unbind(-1)  # (V, B)
-    # Normalised input coordinate = a * normalised output coordinate + b, per axis.
-    sign = 1.0 - 2.0 * flips.to(device=images.device, dtype=images.dtype)
-    ax, bx = sign * box_w / width, (2 * left + box_w) / width - 1
-    ay, by = box_h / height, (2 * top + box_h) / height - 1
-    xs = (torch.arange(out_w, device=images.device, dtype=images.dtype) + 0.5) / out_w * 2 - 1
-    ys = (torch.arange(out_h, device=images.device, dtype=images.dtype) + 0.5) / out_h * 2 - 1
-    gx = ax[..., None, None] * xs[None, None, None, :] + bx[..., None, None]  # (V, B, 1, Wo)
-    gy = ay[..., None, None] * ys[None, None, :, None] + by[..., None, None]  # (V, B, Ho, 1)
-    grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)  # (V, B, Ho, Wo, 2)
-    # Stack the views of one image along the grid height: one call, no copies of the sources.
-    grid = grid.permute(1, 0, 2, 3, 4).reshape(batch, views * out_h, out_w, 2)
-    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    out = out.view(batch, channels, views, out_h, out_w).permute(2, 0, 1, 3, 4)
-    return out.clamp(0, 1)
+    top, left, box_h, box_w = boxes.to(images.dtype).flatten(0, 1).unbind(-1)  # (V*B,), view-major
+    heights, widths = sizes.to(images.dtype).repeat(views, 1).unbind(-1)
+    cols = resample_weights(left, box_w, widths, out_w, pad_w)  # (V*B, Wo, Wp)
+    cols = torch.where(flips.reshape(-1, 1, 1), cols.flip(1), cols)
+    rows = resample_weights(top, box_h, heights, out_h, pad_h)  # (V*B, Ho, Hp)
+    cols = cols.view(views, batch, out_w, pad_w).permute(1, 3, 0, 2).reshape(batch, pad_w, views * out_w)
+    across = torch.bmm(images.reshape(batch, channels * pad_h, pad_w), cols)  # (B, C*Hp, V*Wo)
+    across = across.view(batch, channels, pad_h, views, out_w).permute(3, 0, 2, 1, 4)
+    out = torch.bmm(rows, across.reshape(views * batch, pad_h, channels * out_w))  # (V*B, Ho, C*Wo)
+    return out.view(views, batch, out_h, channels, out_w).permute(0, 1, 3, 2, 4).clamp(0, 1).contiguous()
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -451,7 +506,7 @@ class CPUMultiCrop(MultiCrop):
 
     def __call__(self, image: Image.Image) -> tuple[list[Tensor], Tensor, Tensor]:
         width, height = image.size
-        boxes = sample_view_boxes(self.spec, 1, height, width)[:, 0]  # (V, 4)
+        boxes = sample_view_boxes(self.spec, torch.tensor([[height, width]]))[:, 0]  # (V, 4)
         flips = torch.rand(len(boxes)) < self.spec.flip_p
         views = []
         for v, (box, flip) in enumerate(zip(boxes.tolist(), flips.tolist())):
@@ -499,68 +554,126 @@ class _PILGaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(radius=radius))
 
 
+class DecodedBatch(NamedTuple):
+    """A loader batch for :class:`BatchedMultiCrop`: uint8 images at their own sizes, padded into one tensor.
+
+    Attributes:
+        images: (B, 3, Hp, Wp) uint8; image b fills ``[:, :H_b, :W_b]``, zeros elsewhere.
+        sizes: (B, 2) int64 ``(H_b, W_b)``, on the CPU (the crop boxes are drawn there).
+    """
+
+    images: Tensor
+    sizes: Tensor
+
+
+class DecodeImage:
+    """Loader-worker transform of the batched backend: RGB PIL -> (3, H, W) uint8 at the image's own size.
+
+    An image larger than ``max_size`` (H, W) on either side is first shrunk, keeping
+    its aspect ratio, to fit inside it (PIL bicubic, antialiased): it bounds the
+    padded batch and the resampling work. ``None`` keeps every image as it is.
+    """
+
+    def __init__(self, max_size: tuple[int, int] | None) -> None:
+        self.max_size = max_size
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        width, height = image.size
+        if self.max_size is not None:
+            shrink = min(self.max_size[0] / height, self.max_size[1] / width)
+            if shrink < 1:
+                size = (max(1, round(width * shrink)), max(1, round(height * shrink)))
+                image = image.resize(size, Image.Resampling.BICUBIC)
+        return TF.pil_to_tensor(image)
+
+
+def pad_images(images: Sequence[Tensor], multiple: int = 8) -> DecodedBatch:
+    """(3, H_b, W_b) uint8 tensors -> a :class:`DecodedBatch`, padded at the bottom and right to the largest
+    height and width rounded up to ``multiple`` (fewer distinct shapes for the allocator and the kernels)."""
+    sizes = torch.tensor([img.shape[1:] for img in images], dtype=torch.int64).view(-1, 2)
+    pad_h, pad_w = (-(-int(v) // multiple) * multiple for v in sizes.max(dim=0).values)
+    out = torch.zeros(len(images), 3, pad_h, pad_w, dtype=torch.uint8)
+    for dst, img in zip(out, images):
+        dst[:, : img.shape[1], : img.shape[2]] = img
+    return DecodedBatch(out, sizes)
+
+
 class BatchedMultiCrop(MultiCrop):
     """All views of a batch of decoded uint8 images, on the device the images are on.
 
-    The workers decode and resize every image to ``decode_size`` (uint8);
-    :meth:`__call__` turns (B, 3, H, W) uint8 into a :class:`MultiCropBatch`.
+    The workers only decode each image at its own size (shrunk to fit
+    ``max_size`` if larger) and the collate pads them into a
+    :class:`DecodedBatch`. Every view is then cut from its own image in that
+    image's pixels and resized with antialiasing, as the CPU backend does with
+    PIL (:func:`resized_crops`); photometric ops run batched with per-view
+    random parameters. All random parameters are drawn on the CPU from the torch
+    RNG in the order the CPU backend draws them (boxes, then flips), so a run is
+    reproducible whatever the device, and one image with one seed gives the same
+    boxes on both backends.
     """
 
-    def __init__(self, spec: MultiCropSpec, decode_size: tuple[int, int] = (256, 128)) -> None:
+    def __init__(self, spec: MultiCropSpec, max_size: tuple[int, int] | None = (512, 256)) -> None:
         super().__init__(spec)
-        self.decode_size = tuple(decode_size)
+        self.max_size = None if max_size is None else (int(max_size[0]), int(max_size[1]))
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> MultiCropBatch:
-        """(B, 3, H, W) uint8 (any device) -> views on the same device."""
+    def __call__(self, batch: DecodedBatch | Tensor, generator: torch.Generator | None = None) -> MultiCropBatch:
+        """A :class:`DecodedBatch` (images on any device, sizes on the CPU), or (B, 3, H, W) uint8 images of one
+        size, -> views on the images' device."""
+        images = batch if isinstance(batch, Tensor) else batch.images
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        same_size = torch.tensor([images.shape[2:]]).repeat(images.shape[0], 1)
+        sizes = same_size if isinstance(batch, Tensor) else batch.sizes
         spec = self.spec
-        batch, _, height, width = images.shape
-        device = images.device
-        boxes = sample_view_boxes(spec, batch, height, width, generator)  # (V, B, 4) on the CPU
+        batch_size, device = images.shape[0], images.device
+        boxes = sample_view_boxes(spec, sizes, generator)  # (V, B, 4) on the CPU
         flips = torch.rand(boxes.shape[:2], generator=generator) < spec.flip_p
         blur_p = torch.tensor([*spec.global_blur_p, *([spec.local_blur_p] * spec.num_local)])
         solarize_p = torch.tensor([*spec.global_solarize_p, *([0.0] * spec.num_local)])
-        params = sample_photometric(spec, boxes.shape[0] * batch, blur_p.repeat_interleave(batch),
-                                    solarize_p.repeat_interleave(batch), generator)
+        params = sample_photometric(spec, boxes.shape[0] * batch_size, blur_p.repeat_interleave(batch_size),
+                                    solarize_p.repeat_interleave(batch_size), generator)
 
         source = images.float().div_(255)
         mean_std = to_device(torch.tensor([spec.mean, spec.std]), device).view(2, 1, 3, 1, 1)
-        scale = torch.tensor([height, width, height, width], dtype=torch.float32)
         boxes_dev = to_device(boxes.float(), device)
         flips_dev = to_device(flips, device)
+        sizes_dev = to_device(sizes, device)
         out = []
         for views, size in ((slice(0, NUM_GLOBAL), spec.global_size), (slice(NUM_GLOBAL, None), spec.local_size)):
-            crops = resized_crops(source, boxes_dev[views], flips_dev[views], size)  # (V', B, 3, h, w)
+            crops = resized_crops(source, sizes_dev, boxes_dev[views], flips_dev[views], size)  # (V', B, 3, h, w)
             flat = crops.flatten(0, 1)
-            first = views.start * batch
+            first = views.start * batch_size
             sub = _slice_params(params, first, first + flat.shape[0])
             flat = (photometric(flat, sub) - mean_std[0]) / mean_std[1]
             out.append(flat.view_as(crops))
+        scale = sizes.float().repeat(1, 2)  # (B, 4): H, W, H, W
         return MultiCropBatch(global_views=out[0], local_views=out[1], boxes=to_device(boxes.float() / scale, device),
                               flips=flips_dev)
 
     def image_transform(self) -> Callable[[Image.Image], Any]:
-        return v2.Compose([
-            v2.Resize(self.decode_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.PILToTensor(),
-        ])
+        return DecodeImage(self.max_size)
 
-    def collate(self, samples: list[tuple[Any, int, int, int]]) -> Tensor:
-        return torch.stack([s[0] for s in samples])
+    def collate(self, samples: list[tuple[Any, int, int, int]]) -> DecodedBatch:
+        return pad_images([s[0] for s in samples])
 
-    def views(self, batch: Tensor, device: torch.device, generator: torch.Generator | None = None) -> MultiCropBatch:
-        return self(batch.to(device, non_blocking=True), generator)
+    def views(self, batch: DecodedBatch | Tensor, device: torch.device,
+              generator: torch.Generator | None = None) -> MultiCropBatch:
+        if isinstance(batch, Tensor):
+            return self(batch.to(device, non_blocking=True), generator)
+        return self(DecodedBatch(batch.images.to(device, non_blocking=True), batch.sizes), generator)
 
 
 def _slice_params(params: PhotometricParams, start: int, stop: int) -> PhotometricParams:
     return PhotometricParams(**{k: getattr(params, k)[start:stop] for k in params.__dataclass_fields__})
 
 
-def build_multicrop(backend: str, spec: MultiCropSpec, decode_size: tuple[int, int] = (256, 128)) -> MultiCrop:
-    """``"cpu"`` -> :class:`CPUMultiCrop`; ``"gpu"`` -> :class:`BatchedMultiCrop` (runs on the training device)."""
+def build_multicrop(backend: str, spec: MultiCropSpec, max_size: tuple[int, int] | None = (512, 256)) -> MultiCrop:
+    """``"cpu"`` -> :class:`CPUMultiCrop`; ``"gpu"`` -> :class:`BatchedMultiCrop` (runs on the training device).
+
+    ``max_size`` (H, W): the batched backend's workers shrink larger images to fit inside it (the CPU backend
+    crops every image at its own size)."""
     if backend == "cpu":
         return CPUMultiCrop(spec)
     if backend == "gpu":
-        return BatchedMultiCrop(spec, decode_size)
+        return BatchedMultiCrop(spec, max_size)
     raise ValueError(f"multi-crop backend must be 'cpu' or 'gpu', got {backend!r}")
