@@ -104,10 +104,15 @@ class PretrainDataConfig:
 @dataclass
 class AugConfig:
     """Multi-crop (DESIGN §3). ``backend``: ``gpu`` makes the views on the training device from uint8
-    images decoded at ``decode_size`` in the workers; ``cpu`` makes them with PIL in the workers."""
+    images decoded at their own size in the workers (an image larger than ``decode_size`` [H, W] is first
+    shrunk, keeping its aspect ratio, to fit inside it: this bounds the padded batch and the resampling
+    memory); ``cpu`` makes them with PIL in the workers from the image as it is.
+
+    ``jitter`` (brightness, contrast, saturation, hue), ``jitter_p`` and ``gray_p`` are the colour
+    augmentation, the published DINO values by default."""
 
     backend: str = "gpu"
-    decode_size: list[int] = field(default_factory=lambda: [256, 128])
+    decode_size: list[int] = field(default_factory=lambda: [512, 256])
     local_size: list[int] = field(default_factory=lambda: [128, 64])
     global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     local_scale: list[float] = field(default_factory=lambda: [0.1, 0.8])

@@ -545,6 +545,22 @@ def _unique_people(rng: np.random.Generator, style: DomainStyle, count: int) -> 
     return people
 
 
+def cluttered_background(size: tuple[int, int], rng: np.random.Generator,
+                         styles: Sequence[DomainStyle]) -> np.ndarray:
+    """``(H, W, 3)`` float background made of 2-3 x 2-3 rectangles, each cut from another random scene."""
+    h, w = size
+    rows = np.sort(rng.uniform(0.15, 0.85, int(rng.integers(1, 3))))
+    cols = np.sort(rng.uniform(0.2, 0.8, int(rng.integers(1, 3))))
+    row_edges = [0, *(int(r * h) for r in rows), h]
+    col_edges = [0, *(int(c * w) for c in cols), w]
+    img = np.empty((h, w, 3), np.float32)
+    for top, bottom in zip(row_edges[:-1], row_edges[1:]):
+        for left, right in zip(col_edges[:-1], col_edges[1:]):
+            scene = random_camera(rng, styles[int(rng.integers(len(styles)))])
+            img[top:bottom, left:right] = _background(scene, h, w, rng)[top:bottom, left:right]
+    return img
+
+
 def generate_pool(
     out: str | os.PathLike,
     num_images: int = 4000,
@@ -552,6 +568,7 @@ def generate_pool(
     domains: Sequence[str] = tuple(DOMAINS),
     img_size: tuple[int, int] = (128, 64),
     images_per_person: int = 4,
+    clutter: bool = True,
     jpeg_quality: int = 92,
     overwrite: bool = False,
 ) -> list[Path]:
@@ -564,6 +581,13 @@ def generate_pool(
     new camera (background, light, colour cast, scale, facing) from a random
     domain style. Each person appears in ``images_per_person`` images, in
     different scenes, as a person walks past several street cameras.
+
+    With ``clutter`` (default) the scene behind a person is a patchwork of
+    several scenes (:func:`cluttered_background`), as street scenes are: a crop
+    of one part of the image then shows another background than a crop of
+    another part, and only the person is common to all crops of an image. With
+    one scene per image, self-distillation can match any two crops of an image
+    by their common background, and learns backgrounds instead of people.
 
     Args:
         out: folder to create; images are ``PPPPPP_K.jpg`` (person, image), which
@@ -594,8 +618,12 @@ def generate_pool(
         for k in range(min(images_per_person, num_images - len(paths))):
             style = styles[int(rng.integers(len(styles)))]
             cam = random_camera(rng, style)
+            img = cluttered_background(size, rng, styles) if clutter else _background(cam, size[0], size[1], rng)
+            draw_person(img, person, cam, rng)
+            if rng.random() < 0.15:
+                _occluder(img, rng, style)
             path = out / f"{person_index:06d}_{k}.jpg"
-            Image.fromarray(render_image(person, cam, style, size, rng)).save(path, quality=jpeg_quality)
+            Image.fromarray(_finish(img, cam, rng)).save(path, quality=jpeg_quality)
             paths.append(path)
     logger.info("wrote an unlabeled pool of %d images (%d people, a scene per image) to %s", len(paths),
                 -(-num_images // images_per_person), out)
