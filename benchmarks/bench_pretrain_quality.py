@@ -1,0 +1,182 @@
+"""Does pretraining help? Random init vs plain DINO vs PASS on the tiny ViT, same compute, 3 seeds.
+
+The ladder the method is about (PASS paper, Table 4 at full scale), measured at
+CPU scale on synthetic data:
+
+1. an unlabeled pretraining pool, LUPerson-like (``generate_pool``: a scene per
+   image, people seen in several scenes, three domain styles);
+2. a labelled msmt-style set with disjoint identities: its train split (100
+   identities) for a short fine-tuning, its query/gallery (100 other identities)
+   for every evaluation;
+3. per seed: the tiny ViT (depth 4, 128x64) from random init, pretrained with
+   plain DINO (``model.mode=dino``) and with PASS, both with the recipe
+   ``configs/pretrain/synthetic_tiny.yaml`` and the same steps, batch and views;
+   then for each: frozen-feature mAP/R1 (no training, :mod:`passreid.monitor`)
+   and mAP/R1 after the same short fine-tuning (the demo's fine-tuning recipe).
+
+Prints one JSON line: per arm the per-seed figures, their mean and spread, and
+whether the issue's targets hold (PASS frozen >= random frozen + 10 mAP; PASS +
+fine-tuning >= random + fine-tuning + 5 mAP on the mean with every seed ahead;
+PASS vs DINO reported as measured).
+
+    python benchmarks/bench_pretrain_quality.py            # ~45 min on 2 CPU cores
+    python benchmarks/bench_pretrain_quality.py --quick    # smoke run, < 5 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "pretrain" / "synthetic_tiny.yaml"
+ARMS = ("random", "dino", "pass")
+
+
+def make_data(work: Path, pool_images: int, quick: bool) -> tuple[Path, Path]:
+    """The unlabeled pool and the labelled evaluation set (msmt style, 100 + 100 identities)."""
+    from passreid.data.synthetic import generate_pool, generate_synthetic
+
+    pool, labelled = work / "pool", work / "labelled"
+    if not pool.exists():
+        generate_pool(pool, num_images=pool_images, seed=1000)
+    if not labelled.exists():
+        ids = 40 if quick else 200
+        generate_synthetic(labelled, num_ids=ids, num_train_ids=ids // 2, num_cams=6, seed=1001, domain="msmt")
+    return pool, labelled
+
+
+def pretrain(arm: str, seed: int, pool: Path, work: Path, overrides: list[str]) -> Path:
+    """Run ``passreid pretrain`` (in process) with the small-scale recipe; returns the exported backbone."""
+    from passreid.config import load_config
+    from passreid.engine import cores_beside_workers
+    from passreid.pretrain import PretrainConfig, run_pretrain
+
+    cfg = load_config(PretrainConfig, RECIPE, [f"data.root={pool}", f"model.mode={arm}", f"run.seed={seed}",
+                                               f"run.output_dir={work / f'{arm}-{seed}'}", *overrides])
+    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
+        result = run_pretrain(cfg)
+    return Path(result["backbone"])
+
+
+def frozen(arm: str, seed: int, backbone_path: Path | None, monitor: Any) -> dict[str, float]:
+    """Frozen-feature metrics of the backbone (random init drawn from ``seed``)."""
+    from passreid.checkpoint import load_checkpoint
+    from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL
+    from passreid.models import create_model
+
+    torch.manual_seed(seed)
+    backbone = create_model(DEMO_MODEL["name"], img_size=DEMO_IMG_SIZE, depth=DEMO_MODEL["depth"])
+    if backbone_path is not None:
+        load_checkpoint(backbone, backbone_path)
+    return monitor(backbone, "dino" if arm == "dino" else "pass")
+
+
+def finetune(arm: str, seed: int, backbone_path: Path | None, labelled: Path, work: Path,
+             epochs: int | None) -> dict[str, float]:
+    """The demo's short fine-tuning on the labelled train split, evaluated on its query/gallery."""
+    import passreid.finetune as ft
+    from passreid.demo import DemoContext
+
+    ctx = DemoContext(workdir=work, source_root=labelled, target_root=labelled, device=torch.device("cpu"),
+                      seed=seed)
+    old_epochs = ft.DEMO_EPOCHS
+    if epochs is not None:
+        ft.DEMO_EPOCHS = epochs
+    try:
+        stage = ft.finetune_for_demo(ctx, f"finetune-{arm}-{seed}", pretrained=str(backbone_path or ""))
+    finally:
+        ft.DEMO_EPOCHS = old_epochs
+    return {"mAP": stage.mAP, "rank1": stage.rank1}
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"mean": round(statistics.fmean(values), 2),
+            "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+            "min": round(min(values), 2), "max": round(max(values), 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true", help="one seed, a small pool, few steps (a smoke run)")
+    parser.add_argument("--pool-images", type=int, default=6000)
+    parser.add_argument("--workdir", type=Path, help="keep data and runs here (default: a temporary folder)")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the pretraining recipe")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    overrides = list(args.overrides)
+    ft_epochs = None
+    if args.quick:
+        overrides += ["data.limit=256", "run.epochs=2", "optim.warmup_epochs=1"]
+        ft_epochs = 2
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        pool, labelled = make_data(work, 512 if args.quick else args.pool_images, args.quick)
+        from passreid.data.datasets import build_dataset
+        from passreid.demo import DEMO_IMG_SIZE
+        from passreid.monitor import RetrievalMonitor
+
+        monitor = RetrievalMonitor(build_dataset("synthetic", str(labelled)), DEMO_IMG_SIZE)
+        results: dict[str, dict[str, list[float]]] = {
+            arm: {"frozen_mAP": [], "frozen_rank1": [], "finetune_mAP": [], "finetune_rank1": [],
+                  "pretrain_seconds": []} for arm in ARMS}
+        for seed in seeds:
+            for arm in ARMS:
+                t0 = time.perf_counter()
+                backbone = None if arm == "random" else pretrain(arm, seed, pool, work, overrides)
+                results[arm]["pretrain_seconds"].append(round(time.perf_counter() - t0, 1))
+                fz = frozen(arm, seed, backbone, monitor)
+                fn = finetune(arm, seed, backbone, labelled, work, ft_epochs)
+                results[arm]["frozen_mAP"].append(round(100 * fz["mAP"], 2))
+                results[arm]["frozen_rank1"].append(round(100 * fz["rank1"], 2))
+                results[arm]["finetune_mAP"].append(round(100 * fn["mAP"], 2))
+                results[arm]["finetune_rank1"].append(round(100 * fn["rank1"], 2))
+                print(f"seed {seed} {arm}: frozen mAP {results[arm]['frozen_mAP'][-1]:.1f}, fine-tuned mAP "
+                      f"{results[arm]['finetune_mAP'][-1]:.1f}", file=sys.stderr, flush=True)
+
+    arms = {arm: {**vals, **{f"{k}_summary": summary(v) for k, v in vals.items() if k != "pretrain_seconds"}}
+            for arm, vals in results.items()}
+    mean = {arm: {k: arms[arm][f"{k}_summary"]["mean"] for k in ("frozen_mAP", "finetune_mAP")} for arm in ARMS}
+    every_seed_ahead = all(p > r for p, r in zip(results["pass"]["finetune_mAP"], results["random"]["finetune_mAP"]))
+    out = {
+        "bench": "pretrain_quality",
+        "quick": args.quick,
+        "seeds": seeds,
+        "model": "pass_vit_tiny depth 4, 128x64",
+        "recipe": str(RECIPE.relative_to(REPO)),
+        "overrides": overrides,
+        "arms": arms,
+        "pass_minus_random_frozen_mAP": round(mean["pass"]["frozen_mAP"] - mean["random"]["frozen_mAP"], 2),
+        "pass_minus_random_finetune_mAP": round(mean["pass"]["finetune_mAP"] - mean["random"]["finetune_mAP"], 2),
+        "pass_minus_dino_frozen_mAP": round(mean["pass"]["frozen_mAP"] - mean["dino"]["frozen_mAP"], 2),
+        "pass_minus_dino_finetune_mAP": round(mean["pass"]["finetune_mAP"] - mean["dino"]["finetune_mAP"], 2),
+        "targets": {
+            "frozen_pass_ge_random_plus_10": mean["pass"]["frozen_mAP"] >= mean["random"]["frozen_mAP"] + 10,
+            "finetune_pass_ge_random_plus_5": mean["pass"]["finetune_mAP"] >= mean["random"]["finetune_mAP"] + 5,
+            "finetune_pass_ahead_every_seed": every_seed_ahead,
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
