@@ -56,7 +56,11 @@ class DistInfo:
 
 
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error that says so."""
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU, or a name torch does not know
+    (``gpu``), is an error that says so."""
+    if not _is_device_name(preference):
+        raise ConfigError(f"unknown device {preference!r}: use auto, cpu, cuda or cuda:N (e.g. --device cuda, "
+                          "run.device=cuda)")
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference.startswith("cuda"):
@@ -64,6 +68,17 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
             raise ConfigError(f"device {preference!r} was asked for but CUDA is not available")
         return torch.device(preference if ":" in preference else f"cuda:{local_rank}")
     return torch.device(preference)
+
+
+def _is_device_name(name: str) -> bool:
+    """Whether ``name`` is ``auto`` or a device string torch accepts (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    if name == "auto":
+        return True
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def setup_distributed(device_preference: str = "auto") -> DistInfo:
@@ -330,17 +345,24 @@ def check_resume_fingerprint(ckpt: dict[str, Any], fingerprint: dict[str, Any], 
 
 
 def export_model(run_dir: RunDir, state: dict[str, torch.Tensor], config: dict[str, Any],
-                 fingerprint: dict[str, Any] | None) -> Path:
+                 fingerprint: dict[str, Any] | None, *, epoch: int | None = None,
+                 metrics: dict[str, float] | None = None) -> Path:
     """Write ``model.pth`` (a plain state dict in the published layout) and ``model.json`` beside it.
 
-    ``model.json`` is ``{"meta": build_meta(fingerprint), "config": config}``,
-    which lets ``passreid eval`` rebuild the model (input size, fusion, necks).
+    ``model.json`` is ``{"meta": build_meta(fingerprint), "config": config, "epoch", "metrics"}``:
+    what lets ``passreid eval`` rebuild the model (input size, fusion, necks) and
+    ``passreid info`` say which epoch was exported and what it scored.
     """
     path = run_dir.path / "model.pth"
     save_atomic(state, path)
     sidecar = path.with_suffix(".json")
     tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": build_meta(fingerprint), "config": config}, indent=2) + "\n")
+    record: dict[str, Any] = {"meta": build_meta(fingerprint), "config": config}
+    if epoch is not None:
+        record["epoch"] = int(epoch)
+    if metrics:
+        record["metrics"] = {k: float(v) for k, v in metrics.items()}
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, sidecar)
     return path
 
@@ -364,6 +386,10 @@ def resolve_resume_path(resume: str | None, run_dir: RunDir) -> Path | None:
     if resume is None:
         return None
     path = Path(resume) if resume else run_dir.last
+    if path.is_dir():
+        hint = f"; its last.pth is {path / 'last.pth'}" if (path / "last.pth").is_file() else ""
+        raise TrainingError(f"cannot resume: {path} is a folder, not a checkpoint file (--resume takes a .pth file, "
+                            f"or no value for <run.output_dir>/last.pth){hint}")
     if not path.is_file():
         raise TrainingError(f"cannot resume: checkpoint {path} does not exist")
     return path
@@ -412,8 +438,13 @@ class GracefulStop:
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def _handler(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            # a forked DataLoader worker inherits this handler; Ctrl-C reaches the whole process
+            # group, and only the training process decides (and says) what happens
+            return
         if self.requested:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -421,6 +452,7 @@ class GracefulStop:
         self.requested = True
 
     def __enter__(self) -> GracefulStop:
+        self._pid = os.getpid()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from passreid.config import RunConfig, check_choice, check_img_size, check_positive, config_to_dict, config_to_yaml
 from passreid.data.datasets import ImageRecord
 from passreid.data.multicrop import MultiCrop, MultiCropSpec, build_multicrop
-from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, register_demo_stage
+from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, raise_if_stopped, register_demo_stage
 from passreid.engine import (
     DistInfo,
     GracefulStop,
@@ -874,6 +874,7 @@ def pass_pretrain_stage(ctx: DemoContext) -> list[StageResult]:
     cfg = demo_config(ctx, run_path)
     with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
         result = run_pretrain(cfg)
+    raise_if_stopped(result)
     if result["backbone"] is None:
         raise TrainingError("demo pretraining stopped before the end")
     ctx.state["pretrained_backbone"] = result["backbone"]

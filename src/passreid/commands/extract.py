@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from passreid.features import extract_features
 
-    model, dataset, img_size, device = load_model_and_data(args)
+    model, dataset, img_size, device = load_model_and_data(args, splits=(args.split,))
     records = getattr(dataset, args.split)
     features = extract_features(model, records, **extraction_kwargs(args, img_size, device))
     features.save(args.out)
