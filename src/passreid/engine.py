@@ -407,6 +407,34 @@ def open_resume_checkpoint(resume: str | None, run_dir: RunDir, config: dict[str
     return ckpt, path
 
 
+def load_state_checked(module: nn.Module, state: dict[str, Any], what: str) -> None:
+    """``module.load_state_dict(state)``, with a resumed checkpoint of another model refused in one
+    :class:`~passreid.errors.CheckpointError` that counts the conflicts and shows the first ones
+    (instead of torch's listing of every tensor)."""
+    from passreid.errors import CheckpointError
+
+    own = module.state_dict()
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the checkpoint's {what} is not a state dict ({type(state).__name__})")
+    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if shapes or missing or unexpected:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} tensor(s) of another shape, e.g. {shapes[0]}")
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        raise CheckpointError(
+            f"the checkpoint's {what} does not fit the model of this config ({'; '.join(parts)}): a run resumes "
+            "only with the architecture and image size it was started with (--force-resume does not change that)"
+        )
+    module.load_state_dict(state)
+
+
 def restore_training_state(
     ckpt: dict[str, Any],
     *,
@@ -417,7 +445,7 @@ def restore_training_state(
 ) -> int:
     """Load model/optimizer/scheduler/scaler/RNG from a training checkpoint; returns the next epoch."""
     if model is not None:
-        unwrap(model).load_state_dict(ckpt["model"])
+        load_state_checked(unwrap(model), ckpt["model"], "model")
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
         if obj is not None and ckpt.get(key) is not None:
             obj.load_state_dict(ckpt[key])

@@ -47,6 +47,7 @@ from passreid.engine import (
     cosine_value,
     explain_oom,
     gather_rng_states,
+    load_state_checked,
     loss_is_finite,
     make_grad_scaler,
     open_resume_checkpoint,
@@ -750,8 +751,8 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         last_record: dict[str, Any] = {}
         if ckpt is not None:
             models = ckpt["model"]
-            student.load_state_dict(models["student"])
-            teacher.load_state_dict(models["teacher"])
+            load_state_checked(student, models["student"], "student")
+            load_state_checked(teacher, models["teacher"], "teacher")
             loss_fn.load_state_dict(models["centers"])
             start_epoch = restore_training_state(ckpt, model=None, optimizer=optimizer, scheduler=None, scaler=scaler)
             restore_rank_rng(ckpt, info, resume_path)
