@@ -1114,3 +1114,14 @@ def test_ctrl_c_during_the_demo_is_one_line_naming_the_work_folder(
     assert _error_lines(capsys) == [
         f"passreid demo: interrupted; {workdir} keeps the data and the runs finished so far"
     ]
+
+
+def test_faiss_loader_lines_are_not_shown_without_verbose(
+    market: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    cli_main(["eval", "--checkpoint", str(tmp_path / "none.pth"), "--dataset", "market1501", "--root", str(market),
+              "--device", "cpu"])
+    assert logging.getLogger("faiss.loader").getEffectiveLevel() == logging.WARNING
+    capsys.readouterr()

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUIET_LOGGERS: tuple[str, ...] = ("faiss", "faiss.loader")
+"""Third-party loggers held at WARNING unless ``-v``."""
+
 EXIT_ERROR = 2
 """Exit status of a refused input or a failed run (one line on stderr; ``-v`` adds the traceback)."""
 
@@ -58,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for noisy in QUIET_LOGGERS:  # their INFO lines are about themselves, not the run ("Could not load library ...")
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args._run(args) or 0)
     except PassReIDError as exc:

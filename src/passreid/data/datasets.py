@@ -334,7 +334,8 @@ def _is_int(text: str) -> bool:
 class CSVDataset(ReIDDataset):
     """A custom labelled set: a CSV with columns ``path,pid,split`` and optionally ``camid``.
 
-    ``split`` is ``train``, ``query`` or ``gallery``; ``camid`` is 0-based;
+    ``split`` is ``train``, ``query`` or ``gallery`` (``train`` rows may be absent with
+    ``need_train=False``, for evaluation); ``camid`` is 0-based;
     relative paths are resolved against the CSV's folder. Without ``camid`` every
     distinct image gets its own camera, so the standard "same identity and same
     camera" removal of evaluation (DESIGN §6) removes exactly the query image
@@ -343,7 +344,7 @@ class CSVDataset(ReIDDataset):
 
     REQUIRED = ("path", "pid", "split")
 
-    def __init__(self, csv_path: str | os.PathLike) -> None:
+    def __init__(self, csv_path: str | os.PathLike, need_train: bool = True) -> None:
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise DatasetError(f"CSV file not found: {csv_path}")
@@ -386,7 +387,7 @@ class CSVDataset(ReIDDataset):
         splits: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
         for path, pid, camid, split in rows:
             splits[split].append(ImageRecord(path, pid, int(camid)))
-        empty = [s for s in SPLITS if not splits[s]]
+        empty = [s for s in SPLITS if not splits[s] and (need_train or s != "train")]
         if empty:
             raise DatasetError(f"CSV file {csv_path} has no rows for split(s) {', '.join(empty)}")
         splits["train"] = relabel(splits["train"])
