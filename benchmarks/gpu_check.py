@@ -466,8 +466,8 @@ def run_check(check: Check, only: list[str] | None = None) -> dict[str, Any]:
         print(f"gpu_check: {name}: {_status(stages[name])} ({stages[name]['seconds']:.1f} s)", file=sys.stderr,
               flush=True)
     failed = [name for name, s in stages.items() if s["ok"] is False]
-    return {"ok": not failed, "failed": failed, "device": check.device, "seconds": round(time.perf_counter() - start, 1),
-            "stages": stages}
+    return {"ok": not failed, "failed": failed, "device": check.device,
+            "seconds": round(time.perf_counter() - start, 1), "stages": stages}
 
 
 def _status(stage: dict[str, Any]) -> str:

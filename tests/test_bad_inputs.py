@@ -818,7 +818,8 @@ def test_cli_visualize_with_zero_queries_or_results_is_a_usage_error(
         cli_main([*argv, "--checkpoint", str(tmp_path / "m.pth"), "--dataset", "market1501", "--root", str(market),
                   "--out", str(tmp_path / "pictures")])
     assert exit_.value.code == 2
-    assert f"argument {'--worst' if '--worst' in argv else '-k'}: 0 must be a positive integer" in capsys.readouterr().err
+    flag = "--worst" if "--worst" in argv else "-k"
+    assert f"argument {flag}: 0 must be a positive integer" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -147,7 +147,8 @@ def _run_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extract_skipping_bad(pipeline: Any, chunk: list[Any], args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]:
+def _extract_skipping_bad(pipeline: Any, chunk: list[Any], args: argparse.Namespace
+                          ) -> tuple[Any, list[Any], list[str]]:
     """Features of the readable images of ``chunk``: ``(features, kept records, unreadable paths)``.
 
     The chunk is extracted in one go; only when that meets a bad image is every
