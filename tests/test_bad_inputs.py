@@ -1126,3 +1126,14 @@ def test_faiss_loader_lines_are_not_shown_without_verbose(
               "--device", "cpu"])
     assert logging.getLogger("faiss.loader").getEffectiveLevel() == logging.WARNING
     capsys.readouterr()
+
+
+def test_uda_help_shows_a_uda_recipe() -> None:
+    from passreid.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    uda_help, usl_help = sub["uda"].format_help(), sub["usl"].format_help()
+    flat_uda, flat_usl = re.sub(r"\s+", "", uda_help), re.sub(r"\s+", "", usl_help)  # help text is wrapped
+    assert "configs/uda/msmt17_to_market_vit_small.yaml" in flat_uda and "configs/usl/" not in flat_uda
+    assert "model.pretrained=runs/finetune/msmt17_vit_small/model.pth" in flat_uda
+    assert "configs/usl/market_vit_small.yaml" in flat_usl
