@@ -44,15 +44,8 @@ from passreid.config import (
     config_to_yaml,
 )
 from passreid.data.datasets import ImageRecord
-from passreid.demo import (
-    DEMO_IMG_SIZE,
-    DEMO_MODEL,
-    DemoContext,
-    StageResult,
-    raise_if_stopped,
-    register_demo_stage,
-    result_from_metrics,
-)
+from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, register_demo_stage, result_from_metrics
+from passreid.demo import raise_if_stopped
 from passreid.engine import (
     DistInfo,
     GracefulStop,

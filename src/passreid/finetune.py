@@ -41,15 +41,8 @@ from passreid.config import (
 )
 from passreid.data.datasets import ImageRecord, ReIDDataset
 from passreid.data.samplers import RandomIdentitySampler
-from passreid.demo import (
-    DEMO_IMG_SIZE,
-    DEMO_MODEL,
-    DemoContext,
-    StageResult,
-    raise_if_stopped,
-    register_demo_stage,
-    result_from_metrics,
-)
+from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, register_demo_stage, result_from_metrics
+from passreid.demo import raise_if_stopped
 from passreid.engine import (
     DistInfo,
     GracefulStop,

@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Sampler
 from passreid.config import RunConfig, check_choice, check_img_size, check_positive, config_to_dict, config_to_yaml
 from passreid.data.datasets import ImageRecord
 from passreid.data.multicrop import MultiCrop, MultiCropSpec, build_multicrop
-from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, raise_if_stopped, register_demo_stage
+from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, register_demo_stage
+from passreid.demo import raise_if_stopped
 from passreid.engine import (
     DistInfo,
     GracefulStop,
