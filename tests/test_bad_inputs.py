@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import builtins
 import errno
+import importlib.metadata
+import json
 import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from passreid import create_model, load_checkpoint
 from passreid.checkpoint import safe_load
@@ -42,7 +49,9 @@ from passreid.features import FeatureSet
 from passreid.finetune import FinetuneConfig, train_one_epoch
 from passreid.losses.reid import ReIDLoss
 from passreid.models import ReIDModel
+from passreid.runfolder import LOCK_NAME, claim_run_folder, lock_holder
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 TINY = dict(depth=1)
 SIZE = (64, 32)
 
@@ -668,3 +677,463 @@ def test_image_records_with_missing_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="image not found") as err:
         ImageDataset(records)[0]
     assert str(tmp_path / "gone.jpg") in str(err.value)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def _hold_lock_in_another_process(folder: Path) -> subprocess.Popen[str]:
+    """A process that claims ``folder`` as a run would and holds it until its stdin closes."""
+    code = ("import sys\nfrom passreid.runfolder import claim_run_folder\n"
+            "with claim_run_folder(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_run_into_a_folder_in_use_is_refused_naming_pid_and_host(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    holder = _hold_lock_in_another_process(run)
+    try:
+        assert cli_main(["train", str(tiny_recipe)]) == 2
+        (line,) = _error_lines(capsys)
+        assert line.startswith(f"passreid train: error: run folder {run} is in use by another run "
+                               f"(pid {holder.pid} on host {socket.gethostname()} since ")
+        assert cli_main(["train", str(tiny_recipe), "--resume"]) == 2  # resuming a live run is refused too
+        assert f"pid {holder.pid}" in _error_lines(capsys)[0]
+    finally:
+        holder.communicate("")
+    assert sorted(p.name for p in run.iterdir()) == []  # the refused runs wrote nothing
+
+
+def test_lock_of_a_killed_run_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    holder = _hold_lock_in_another_process(run)
+    holder.kill()  # SIGKILL: the lock file stays, the kernel drops the lock
+    holder.wait()
+    assert lock_holder(run / LOCK_NAME)["pid"] == holder.pid
+    with claim_run_folder(run, resume=True):
+        assert lock_holder(run / LOCK_NAME)["pid"] == os.getpid()
+    assert f"taking over the stale lock of pid {holder.pid} on host {socket.gethostname()}" in caplog.text
+    assert not (run / LOCK_NAME).exists()
+
+
+def _fake_run_finetune(calls: list[list[str]]):
+    """A stand-in for ``run_finetune`` that records what the run folder held when training began."""
+
+    def run_finetune(cfg, resume=None, force_resume=False, progress=False):
+        out = Path(cfg.run.output_dir)
+        calls.append(sorted(p.name for p in out.iterdir()))
+        (out / "last.pth").write_bytes(b"new")
+        return {"stopped": False, "metrics": {"mAP": 0.5, "mINP": 0.1, "rank1": 0.6}, "best_mAP": 0.5,
+                "best_epoch": 2, "model": out / "model.pth", "run_dir": out, "epoch": 2, "step": 0}
+
+    return run_finetune
+
+
+def test_run_folder_holding_a_run_is_refused_without_resume_or_overwrite(
+    tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (run / "last.pth").write_bytes(b"old")
+    calls: list[list[str]] = []
+    monkeypatch.setattr("passreid.finetune.run_finetune", _fake_run_finetune(calls))
+    assert cli_main(["train", str(tiny_recipe)]) == 2
+    assert _error_lines(capsys) == [
+        f"passreid train: error: run folder {run} is not empty (last.pth, metrics.jsonl); continue that run with "
+        "--resume, start it again with --overwrite, or choose another run.output_dir"
+    ]
+    assert calls == [] and (run / "last.pth").read_bytes() == b"old"
+    assert cli_main(["train", str(tiny_recipe), "--overwrite"]) == 0
+    assert calls == [[LOCK_NAME]]  # the old run's files were gone before training began
+    assert not (run / "metrics.jsonl").exists() and (run / "last.pth").read_bytes() == b"new"
+
+
+def test_overwrite_never_deletes_files_that_are_not_a_run(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "thesis.tex").write_text("precious")
+    (run / "last.pth").write_bytes(b"old")
+    assert cli_main(["train", str(tiny_recipe), "--overwrite"]) == 2
+    (line,) = _error_lines(capsys)
+    assert f"--overwrite: {run} holds files that are not from a passreid run (thesis.tex); nothing was deleted" in line
+    assert (run / "thesis.tex").read_text() == "precious" and (run / "last.pth").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.root=/nonexistent/market", "data set root not found: /nonexistent/market"),
+    ("run.device=gpu", "unknown device 'gpu': use auto, cpu, cuda or cuda:N"),
+])
+def test_failed_start_leaves_no_run_folder(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, fragment: str
+) -> None:
+    assert cli_main(["train", str(tiny_recipe), override]) == 2
+    (line,) = _error_lines(capsys)
+    assert fragment in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config_shows_the_resolved_recipe_and_trains_nothing(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["train", str(tiny_recipe), "optim.base_lr=0.02", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["base_lr"] == 0.02 and printed["run"]["output_dir"] == str(tmp_path / "run")
+    assert printed["loss"]["label_smoothing"] == 0.0  # defaults are filled in
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- one line, not a traceback
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--batch-size", "-4", "argument --batch-size: -4 must be a positive integer"),
+    ("--batch-size", "0", "argument --batch-size: 0 must be a positive integer"),
+    ("--num-workers", "-1", "argument --num-workers: -1 must be 0 or more"),
+])
+def test_cli_eval_with_an_impossible_number_is_a_usage_error(
+    market: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, fragment: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["eval", "--checkpoint", str(tmp_path / "m.pth"), "--dataset", "market1501", "--root", str(market),
+                  flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["visualize", "--worst", "0"], ["visualize", "-k", "0"]])
+def test_cli_visualize_with_zero_queries_or_results_is_a_usage_error(
+    market: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*argv, "--checkpoint", str(tmp_path / "m.pth"), "--dataset", "market1501", "--root", str(market),
+                  "--out", str(tmp_path / "pictures")])
+    assert exit_.value.code == 2
+    flag = "--worst" if "--worst" in argv else "-k"
+    assert f"argument {flag}: 0 must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A fine-tuned-layout state dict of a tiny model at 64x32."""
+    ckpt = tmp_path / "model.pth"
+    torch.save(ReIDModel(tiny_backbone(), num_classes=4).state_dict(), ckpt)
+    return ckpt
+
+
+def _cli_eval(market: Path, checkpoint: Path, *extra: str) -> int:
+    return cli_main(["eval", "--checkpoint", str(checkpoint), "--dataset", "market1501", "--root", str(market),
+                     "--device", "cpu", "--num-workers", "0", *extra])
+
+
+def test_unknown_device_is_one_line_for_eval_search_and_demo(
+    market: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    expected = "unknown device 'gpu': use auto, cpu, cuda or cuda:N (e.g. --device cuda, run.device=cuda)"
+    assert _cli_eval(market, tiny_checkpoint, "--device", "gpu") == 2
+    assert _error_lines(capsys) == [f"passreid eval: error: {expected}"]
+    index = tmp_path / "gallery.npz"
+    assert cli_main(["search", "index", "--checkpoint", str(tiny_checkpoint), "--index", str(index),
+                     "--folder", str(market / "query"), "--device", "gpu"]) == 2
+    assert _error_lines(capsys) == [f"passreid search: error: {expected}"]
+    assert cli_main(["demo", "--device", "gpu", "--workdir", str(tmp_path / "demo")]) == 2
+    assert _error_lines(capsys) == [f"passreid demo: error: {expected}"]
+
+
+def test_verbose_keeps_the_exit_status_and_adds_the_traceback(
+    market: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "best.pth"
+    assert cli_main(["-v", "eval", "--checkpoint", str(missing), "--dataset", "market1501", "--root", str(market),
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith(f"passreid eval: error: checkpoint not found: {missing}")
+
+
+def test_resume_from_a_model_of_another_size_is_one_line(
+    tiny_recipe: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``last.pth`` whose model is another architecture: one line counting the conflicts, forced or not."""
+    _fake_last(tiny_recipe, [])
+    assert cli_main(["train", str(tiny_recipe), "--resume", "--force-resume"]) == 2
+    (line,) = _error_lines(capsys)
+    assert line.startswith("passreid train: error: the checkpoint's model does not fit the model of this config (")
+    assert "missing, e.g. base.cls_token" in line and "2 unexpected, e.g. weight" in line
+
+
+def test_cli_eval_refuses_an_unwritable_json_before_extracting(
+    market: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("features extracted before the output path was checked")
+
+    monkeypatch.setattr("passreid.features.extract_features", must_not_run)
+    assert _cli_eval(market, tiny_checkpoint, "--json", "/proc/m.json") == 2
+    assert _error_lines(capsys) == [
+        "passreid eval: error: --json /proc/m.json: cannot write into /proc (No such file or directory)"
+    ]
+
+
+def test_ctrl_c_during_eval_is_one_line_and_exit_130(
+    market: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("passreid.features.extract_features", interrupted)
+    assert _cli_eval(market, tiny_checkpoint) == 130
+    assert _error_lines(capsys) == ["passreid eval: interrupted"]
+
+
+def test_a_folder_given_as_checkpoint_is_named_as_a_folder(
+    tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "runs" / "x"
+    folder.mkdir(parents=True)
+    (folder / "model.pth").write_bytes(b"")
+    (folder / "last.pth").write_bytes(b"")
+    assert cli_main(["info", str(folder)]) == 2
+    assert _error_lines(capsys) == [
+        f"passreid info: error: {folder} is a folder, not a checkpoint file; it holds last.pth, model.pth: "
+        f"e.g. {folder / 'model.pth'}"
+    ]
+    assert cli_main(["train", str(tiny_recipe), "--resume", str(folder)]) == 2
+    assert _error_lines(capsys) == [
+        f"passreid train: error: cannot resume: {folder} is a folder, not a checkpoint file (--resume takes a .pth "
+        f"file, or no value for <run.output_dir>/last.pth); its last.pth is {folder / 'last.pth'}"
+    ]
+
+
+def test_cli_eval_of_an_image_folder_says_it_has_no_labels(
+    market: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["eval", "--checkpoint", str(tiny_checkpoint), "--dataset", "imagefolder", "--root",
+                     str(market / "query"), "--device", "cpu"]) == 2
+    (line,) = _error_lines(capsys)
+    assert line.startswith("passreid eval: error: --dataset imagefolder is a folder of unlabelled images: it has no "
+                           "identities and no query/gallery split to evaluate")
+
+
+def test_cli_eval_needs_no_train_folder_and_records_what_it_evaluated(
+    market: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    shutil.rmtree(market / "bounding_box_train")
+    out = tmp_path / "metrics.json"
+    assert _cli_eval(market, tiny_checkpoint, "--json", str(out), "--flip") == 0
+    record = json.loads(out.read_text())
+    assert {"mAP", "mINP", "cmc", "num_queries", "num_valid_queries"} <= set(record)  # DESIGN §8 keys kept
+    assert record["checkpoint"] == str(tiny_checkpoint) and record["dataset"] == "market1501"
+    assert record["root"] == str(market) and record["flip"] is True and record["rerank"] is False
+    assert record["img_size"] == list(SIZE)
+
+
+def test_bad_training_image_error_names_data_skip_corrupt(
+    tiny_recipe: Path, market: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = Path(build_dataset("market1501", market).train[0].path)
+    _zero_byte(bad)
+    assert cli_main(["train", str(tiny_recipe)]) == 2
+    assert _error_lines(capsys) == [
+        f"passreid train: error: image file is empty (0 bytes): {bad} (set data.skip_corrupt=true to skip "
+        "unreadable images and count them)"
+    ]
+    assert not (tmp_path / "run").exists()  # stopped before its first checkpoint: nothing left behind
+
+
+def test_skip_corrupt_also_covers_the_end_of_run_evaluation_and_the_export_records_epoch_and_map(
+    tiny_recipe: Path, market: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dataset = build_dataset("market1501", market)
+    _zero_byte(Path(dataset.train[0].path))
+    bad_gallery = Path(dataset.gallery[1].path)
+    _truncated(bad_gallery)
+    assert cli_main(["train", str(tiny_recipe), "data.skip_corrupt=true", "run.epochs=1"]) == 0
+    assert f"1 unreadable image(s) left out (data.skip_corrupt), first: {bad_gallery}" in caplog.text
+    sidecar = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert sidecar["epoch"] == 1 and 0.0 <= sidecar["metrics"]["mAP"] <= 1.0 and "mINP" in sidecar["metrics"]
+    capsys.readouterr()
+    assert cli_main(["info", str(tmp_path / "run" / "model.pth"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["epoch"] == 1 and info["metrics"]["mAP"] == sidecar["metrics"]["mAP"]
+
+
+def test_extraction_drops_unreadable_images_when_asked(market: Path) -> None:
+    from passreid.features import extract_features
+
+    gallery = build_dataset("market1501", market).gallery[:6]
+    _zero_byte(Path(gallery[2].path))
+    model = ReIDModel(tiny_backbone(), num_classes=4)
+    feats = extract_features(model, gallery, img_size=SIZE, num_workers=0, on_bad_image="drop")
+    assert len(feats) == 5 and gallery[2].path not in set(feats.paths.tolist())
+    assert feats.pids.tolist() == [r.pid for i, r in enumerate(gallery) if i != 2]
+    with pytest.raises(DatasetError, match="image file is empty"):
+        extract_features(model, gallery, img_size=SIZE, num_workers=0)
+
+
+def test_search_index_of_a_folder_can_skip_unreadable_images(
+    market: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted((market / "query").glob("*.jpg"))[:3]:
+        shutil.copy(path, folder / path.name)
+    bad = sorted(folder.glob("*.jpg"))[1]
+    _zero_byte(bad)
+    index = tmp_path / "photos.npz"
+    argv = ["search", "index", "--checkpoint", str(tiny_checkpoint), "--index", str(index), "--folder", str(folder),
+            "--device", "cpu", "--num-workers", "0"]
+    assert cli_main(argv) == 2
+    assert _error_lines(capsys) == [f"passreid search: error: image file is empty (0 bytes): {bad}"]
+    assert cli_main([*argv, "--skip-corrupt"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped unreadable image: {os.path.abspath(bad)}" in out
+    assert "added 2 images (0 already there, 1 unreadable skipped), 2 in total" in out
+
+
+def test_search_query_shows_cameras_one_based_as_in_file_names(
+    market: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    index = tmp_path / "gallery.npz"
+    common = ["--checkpoint", str(tiny_checkpoint), "--index", str(index), "--device", "cpu", "--num-workers", "0"]
+    assert cli_main(["search", "index", *common, "--dataset", "market1501", "--root", str(market)]) == 0
+    query = first_image(market / "query")
+    assert cli_main(["search", "query", *common, str(query), "-k", "3"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d+\s+-?\d", line)]
+    assert len(rows) == 3
+    for _, _, pid, cam, path in rows:
+        name_cam = re.match(r"^(-1|\d+)_c(\d+)s", Path(path).name)
+        assert name_cam is not None and cam == name_cam.group(2)
+
+
+# ----------------------------------------------------------------------------- progress and noise
+
+
+def test_progress_bars_only_on_a_terminal_and_without_no_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    from argparse import Namespace
+
+    from passreid.commands._common import progress_wanted
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert progress_wanted(Namespace(no_progress=False)) is True
+    assert progress_wanted(Namespace(no_progress=True)) is False
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # a redirected log
+    assert progress_wanted(Namespace(no_progress=False)) is False
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain", "usl", "uda", "eval", "extract", "visualize"])
+def test_every_long_command_takes_no_progress(command: str) -> None:
+    from passreid.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    assert "--no-progress" in sub._option_string_actions
+
+
+def test_a_signal_seen_by_a_forked_worker_is_not_logged_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from passreid.engine import GracefulStop
+
+    with GracefulStop() as stop:
+        real = os.getpid()
+        monkeypatch.setattr(os, "getpid", lambda: real + 1)  # as in a DataLoader worker forked from it
+        stop._handler(signal.SIGINT, None)
+        assert not stop.requested and "received signal" not in caplog.text
+        monkeypatch.setattr(os, "getpid", lambda: real)
+        stop._handler(signal.SIGINT, None)
+    assert stop.requested and caplog.text.count("received signal 2") == 1
+
+
+def test_help_imports_no_torch() -> None:
+    """``passreid --help`` builds every subcommand's parser without importing torch or torchvision."""
+    code = ("import sys\nfrom passreid.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_keeps_its_work_folder_and_records_seed_versions_and_minp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from passreid import demo
+
+    monkeypatch.setitem(demo.DEMO_DATA, "num_ids", 8)
+    workdir, out = tmp_path / "demo", tmp_path / "demo.json"
+    argv = ["demo", "--device", "cpu", "--stages", "random-init", "--workdir", str(workdir), "--json", str(out)]
+    assert cli_main(argv) == 0
+    result = json.loads(out.read_text())
+    (stage,) = result["stages"]
+    assert set(stage) == {"name", "mAP", "rank1", "seconds", "mINP"} and stage["name"] == "random-init"
+    assert result["seed"] == 0 and result["device"] == "cpu" and result["workdir"] == str(workdir)
+    assert result["versions"]["torch"] == importlib.metadata.version("torch")
+    assert {"passreid", "python", "torch", "torchvision", "numpy"} <= set(result["versions"])
+    assert (workdir / "synth_msmt" / "query").is_dir()  # kept after the demo
+    assert f"data, runs and pictures: {workdir}" in capsys.readouterr().out
+    (workdir / "finetune").mkdir()  # a run of an earlier demo: replaced, the data reused
+    assert cli_main(argv) == 0 and not (workdir / "finetune").exists()
+
+
+def test_demo_refuses_a_work_folder_it_did_not_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    workdir = tmp_path / "mine"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("keep")
+    assert cli_main(["demo", "--device", "cpu", "--stages", "random-init", "--workdir", str(workdir)]) == 2
+    assert _error_lines(capsys) == [
+        f"passreid demo: error: --workdir {workdir} is not empty and was not made by passreid demo (notes.txt); "
+        "choose a new or empty folder"
+    ]
+    assert (workdir / "notes.txt").read_text() == "keep"
+
+
+def test_ctrl_c_during_the_demo_is_one_line_naming_the_work_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from passreid import demo
+
+    def stopped_stage(ctx):
+        demo.raise_if_stopped({"stopped": True, "metrics": {}})  # what a training stage sees after Ctrl-C
+        return []
+
+    monkeypatch.setattr(demo, "_STAGES", [(0, "stopped", stopped_stage)])
+    monkeypatch.setattr(demo, "STAGE_MODULES", ())
+    workdir = tmp_path / "demo"
+    assert cli_main(["demo", "--device", "cpu", "--workdir", str(workdir)]) == 130
+    assert _error_lines(capsys) == [
+        f"passreid demo: interrupted; {workdir} keeps the data and the runs finished so far"
+    ]
+
+
+def test_faiss_loader_lines_are_not_shown_without_verbose(
+    market: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    cli_main(["eval", "--checkpoint", str(tmp_path / "none.pth"), "--dataset", "market1501", "--root", str(market),
+              "--device", "cpu"])
+    assert logging.getLogger("faiss.loader").getEffectiveLevel() == logging.WARNING
+    capsys.readouterr()
+
+
+def test_uda_help_shows_a_uda_recipe() -> None:
+    from passreid.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    uda_help, usl_help = sub["uda"].format_help(), sub["usl"].format_help()
+    flat_uda, flat_usl = re.sub(r"\s+", "", uda_help), re.sub(r"\s+", "", usl_help)  # help text is wrapped
+    assert "configs/uda/msmt17_to_market_vit_small.yaml" in flat_uda and "configs/usl/" not in flat_uda
+    assert "model.pretrained=runs/finetune/msmt17_vit_small/model.pth" in flat_uda
+    assert "configs/usl/market_vit_small.yaml" in flat_usl

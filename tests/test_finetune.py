@@ -106,7 +106,8 @@ def test_optimizer_gives_biases_twice_the_rate_and_skips_frozen_neck_bias():
     assert len(weights["params"]) + len(biases["params"]) == sum(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml"))
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")
+                                    if p.name not in ("base.yaml", "tiny_cpu.yaml")))
 def test_every_recipe_loads_and_names_its_published_numbers(recipe):
     cfg = load_config(FinetuneConfig, CONFIGS / recipe)
     header = (CONFIGS / recipe).read_text().splitlines()[0]
@@ -116,6 +117,20 @@ def test_every_recipe_loads_and_names_its_published_numbers(recipe):
     assert cfg.model.name == ("pass_vit_base" if "vit_base" in recipe else "pass_vit_small")
     assert (cfg.optim.batch_size, cfg.optim.num_instances, cfg.run.epochs) == (64, 4, 120)
     assert recipe.removesuffix(".yaml") in cfg.run.output_dir
+
+
+def test_tiny_cpu_recipe_is_the_demo_fine_tuning(tmp_path):
+    """configs/finetune/tiny_cpu.yaml trains as the demo's finetune stage does, so its numbers carry over."""
+    from passreid.demo import DemoContext
+
+    recipe = load_config(FinetuneConfig, CONFIGS / "tiny_cpu.yaml")
+    ctx = DemoContext(workdir=tmp_path, source_root=tmp_path, target_root=tmp_path, device=torch.device("cpu"))
+    demo = finetune.demo_config(ctx, "finetune")
+    for section in ("model", "optim", "loss", "test"):
+        assert getattr(recipe, section) == getattr(demo, section), section
+    assert (recipe.data.img_size, recipe.data.num_workers) == (demo.data.img_size, demo.data.num_workers)
+    assert (recipe.run.epochs, recipe.run.eval_every) == (demo.run.epochs, demo.run.eval_every)
+    assert recipe.run.device == "cpu"
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,19 @@ def build_meta(fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- reading
 
 
+def folder_not_checkpoint(path: Path) -> str:
+    """The message for a folder given where a checkpoint file belongs, naming the checkpoints inside."""
+    inside = sorted(p.name for p in path.glob("*.pth"))
+    preferred = next((name for name in ("model.pth", "best.pth", "last.pth") if name in inside), None)
+    if preferred:
+        hint = f"; it holds {', '.join(inside)}: e.g. {path / preferred}"
+    elif inside:
+        hint = f"; it holds {', '.join(inside[:5])}"
+    else:
+        hint = "; it holds no .pth file"
+    return f"{path} is a folder, not a checkpoint file{hint}"
+
+
 def safe_load(path: str | os.PathLike) -> Any:
     """``torch.load`` on CPU with weights-only unpickling; ``argparse.Namespace`` is the one extra class.
 
@@ -120,6 +133,8 @@ def safe_load(path: str | os.PathLike) -> Any:
             pickles code or a class outside the allow-list (the message names the global).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(folder_not_checkpoint(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -184,6 +199,7 @@ class ParsedCheckpoint:
         config: the training config (nested dict) when stored, else None.
         meta: provenance (versions, data fingerprint, time) when stored or beside the file.
         epoch: training epoch when stored.
+        metrics: the evaluation stored with it (``mAP``, ...), from ``best.pth`` or ``model.json``; may be empty.
         args: the pickled ``argparse.Namespace`` of a published checkpoint, as a dict.
         img_size: (H, W) from the config or meta, None if neither says.
         img_size_source: where ``img_size`` came from (``"config"``, ``"meta"``, ``"OUT.json"``).
@@ -200,10 +216,21 @@ class ParsedCheckpoint:
     config: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
     epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
     args: dict[str, Any] | None = None
     img_size: tuple[int, int] | None = None
     img_size_source: str | None = None
     source: str = "<in-memory checkpoint>"
+
+
+def _stored_metrics(node: Mapping[str, Any]) -> dict[str, float]:
+    """Scalars of a checkpoint's ``metrics`` (fine-tuning ``best.pth``) or ``best`` (cluster) entry."""
+    for key in ("metrics", "best"):
+        value = node.get(key)
+        if isinstance(value, Mapping):
+            return {k: float(v) for k, v in value.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
+    return {}
 
 
 def _is_state_dict(node: Mapping[str, Any]) -> bool:
@@ -248,6 +275,7 @@ def parse_checkpoint(obj: Any, source: str = "<in-memory checkpoint>") -> Parsed
     training = False
     config = meta = args = None
     epoch = None
+    metrics: dict[str, float] = {}
     pretrain_entry: str | None = None
     for _ in range(6):
         if not isinstance(node, Mapping):
@@ -261,6 +289,7 @@ def parse_checkpoint(obj: Any, source: str = "<in-memory checkpoint>") -> Parsed
             config = node.get("config") if isinstance(node.get("config"), Mapping) else config
             meta = node.get("meta") if isinstance(node.get("meta"), Mapping) else meta
             epoch = node.get("epoch") if isinstance(node.get("epoch"), int) else epoch
+            metrics = _stored_metrics(node) or metrics
             node = node["model"]
             continue
         entry = next((e for e in ("teacher", "student") if isinstance(node.get(e), Mapping)), None)
@@ -329,6 +358,7 @@ def parse_checkpoint(obj: Any, source: str = "<in-memory checkpoint>") -> Parsed
         config=dict(config) if config is not None else None,
         meta=dict(meta) if meta is not None else None,
         epoch=epoch,
+        metrics=metrics,
         args=args,
         source=source,
     )
@@ -396,6 +426,10 @@ def load_parsed(path_or_obj: str | os.PathLike | Mapping[str, Any] | ParsedCheck
         parsed.meta = parsed.meta or side_meta
         if parsed.config is None and isinstance(sidecar.get("config"), dict):
             parsed.config = sidecar["config"]
+        if parsed.epoch is None and isinstance(sidecar.get("epoch"), int):
+            parsed.epoch = sidecar["epoch"]
+        if not parsed.metrics and isinstance(sidecar.get("metrics"), dict):
+            parsed.metrics = dict(sidecar["metrics"])
         if parsed.img_size is None:
             parsed.img_size, parsed.img_size_source = _stored_img_size(parsed)
         if parsed.img_size is None and _as_img_size(sidecar.get("img_size")) is not None:
@@ -711,6 +745,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
         "ignored_keys": len(parsed.ignored),
         "unknown_keys": sorted(parsed.unknown),
         "epoch": parsed.epoch,
+        "metrics": parsed.metrics,
         "meta": parsed.meta,
         "config": parsed.config,
         "args": parsed.args,

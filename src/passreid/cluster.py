@@ -45,6 +45,7 @@ from passreid.config import (
 )
 from passreid.data.datasets import ImageRecord
 from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, register_demo_stage, result_from_metrics
+from passreid.demo import raise_if_stopped
 from passreid.engine import (
     DistInfo,
     GracefulStop,
@@ -485,7 +486,8 @@ def _extract_all(model: nn.Module, records: Sequence[ImageRecord], cfg: ClusterC
 
     kwargs: dict[str, Any] = dict(img_size=cfg.data.img_size, batch_size=cfg.optim.batch_size,
                                   num_workers=cfg.data.num_workers, device=info.device, precision=precision,
-                                  mean=cfg.data.pixel_mean, std=cfg.data.pixel_std)
+                                  mean=cfg.data.pixel_mean, std=cfg.data.pixel_std,
+                                  on_bad_image="replace" if cfg.data.skip_corrupt else "raise")
     if not info.distributed:
         return extract_features(unwrap(model), records, **kwargs).features
     share = extract_features(unwrap(model), records[info.rank::info.world_size], **kwargs).features
@@ -663,7 +665,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                     if info.is_main:
                         metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=info.device,
                                                  batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
-                                                 precision=precision)
+                                                 precision=precision, skip_corrupt=cfg.data.skip_corrupt)
                         record.update(metrics_record(metrics))
                         logger.info("epoch %d: mAP %.2f%%, rank-1 %.2f%%", epoch, 100 * metrics["mAP"],
                                     100 * metrics["cmc"][0])
@@ -683,7 +685,8 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
 
         exported = None
         if info.is_main and not stopped and run_dir.best.exists():
-            exported = export_model(run_dir, load_training_checkpoint(run_dir.best)["model"], config, fingerprint)
+            exported = export_model(run_dir, load_training_checkpoint(run_dir.best)["model"], config, fingerprint,
+                                    epoch=best["epoch"], metrics={"mAP": best["mAP"]})
             logger.info("best epoch %d (mAP %.2f%%) exported to %s", best["epoch"], 100 * best["mAP"], exported)
         run_dir.close()
         return {"best_mAP": best["mAP"], "best_epoch": best["epoch"], "metrics": metrics, "model": exported,
@@ -754,5 +757,6 @@ def uda_stage(ctx: DemoContext) -> list[StageResult]:
     cfg = demo_config(ctx, source_model)
     with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
         result = run_cluster(cfg, mode="uda")
-    metrics = {"mAP": result["metrics"]["mAP"], "cmc": result["metrics"]["cmc"]}
+    raise_if_stopped(result)
+    metrics = {"mAP": result["metrics"]["mAP"], "mINP": result["metrics"].get("mINP"), "cmc": result["metrics"]["cmc"]}
     return [direct_result, result_from_metrics("uda", metrics, time.perf_counter() - start)]

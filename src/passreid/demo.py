@@ -9,6 +9,7 @@ model at 128x64 and must stay within 5 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,13 +40,20 @@ class DemoContext:
 
 @dataclass
 class StageResult:
+    """One row of the demo table; ``mINP`` is None where a stage did not compute it."""
+
     name: str
     mAP: float
     rank1: float
     seconds: float
+    mINP: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "mAP": self.mAP, "rank1": self.rank1, "seconds": round(self.seconds, 2)}
+        row: dict[str, Any] = {"name": self.name, "mAP": self.mAP, "rank1": self.rank1,
+                               "seconds": round(self.seconds, 2)}
+        if self.mINP is not None:
+            row["mINP"] = self.mINP
+        return row
 
 
 StageFn = Callable[[DemoContext], list[StageResult]]
@@ -63,12 +71,31 @@ def register_demo_stage(order: float, name: str) -> Callable[[StageFn], StageFn]
     return decorator
 
 
+STAGE_MODULES: tuple[str, ...] = ("passreid.finetune", "passreid.pretrain", "passreid.cluster", "passreid.visualize")
+"""Modules that register demo stages when imported (the command modules stay light for ``--help``)."""
+
+
 def demo_stages() -> list[tuple[float, str, StageFn]]:
+    """Every registered stage as ``(order, name, fn)``, by ascending order (imports :data:`STAGE_MODULES`)."""
+    import importlib
+
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
     return sorted(_STAGES, key=lambda s: s[0])
 
 
+def raise_if_stopped(result: dict[str, Any]) -> None:
+    """A training stage of the demo that was stopped by Ctrl-C/SIGTERM ends the demo as an interrupt
+    (it has no metrics to report)."""
+    if result.get("stopped"):
+        raise KeyboardInterrupt
+
+
 def result_from_metrics(name: str, metrics: dict[str, Any], seconds: float) -> StageResult:
-    return StageResult(name=name, mAP=float(metrics["mAP"]), rank1=float(metrics["cmc"][0]), seconds=seconds)
+    """A table row from a metrics dict (``mAP``, ``cmc`` and, when present, ``mINP``)."""
+    minp = metrics.get("mINP")
+    return StageResult(name=name, mAP=float(metrics["mAP"]), rank1=float(metrics["cmc"][0]), seconds=seconds,
+                       mINP=None if minp is None else float(minp))
 
 
 # Source and target domains, as in the published MSMT17 -> Market-1501 UDA row: the
@@ -90,11 +117,60 @@ def prepare_data(workdir: Path, seed: int) -> tuple[Path, Path]:
     return roots[0], roots[1]
 
 
+DEMO_MARKER = ".passreid-demo"
+"""File that marks a folder as a demo work folder, which a later demo may clear."""
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Create ``workdir`` or clear the runs of an earlier demo in it (its synthetic data is kept and reused).
+
+    A non-empty folder that is not a demo work folder is refused, so that
+    ``--workdir`` never deletes a user's files.
+    """
+    from passreid.errors import ConfigError
+
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file, not a folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    entries = [p for p in workdir.iterdir() if p.name != DEMO_MARKER]
+    if entries and not (workdir / DEMO_MARKER).exists():
+        raise ConfigError(f"--workdir {workdir} is not empty and was not made by passreid demo "
+                          f"({', '.join(sorted(p.name for p in entries)[:5])}); choose a new or empty folder")
+    for entry in entries:
+        if entry.name.startswith("synth_"):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (workdir / DEMO_MARKER).write_text("a passreid demo work folder: `passreid demo` clears its runs\n")
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide the demo's numbers: passreid, python, torch, torchvision, numpy, timm."""
+    import importlib.metadata
+    import platform
+
+    from passreid import __version__
+
+    found = {"passreid": __version__, "python": platform.python_version()}
+    for package in ("torch", "torchvision", "numpy", "timm"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
 def run_demo(workdir: Path, *, device: torch.device, seed: int = 0,
              only: list[str] | None = None) -> dict[str, Any]:
-    """Run every registered stage in order; returns the demo JSON (DESIGN §8)."""
+    """Run every registered stage in order; returns the demo JSON (DESIGN §8).
+
+    The JSON is ``{"stages": [{"name", "mAP", "rank1", "seconds", "mINP"}, ...], "seconds",
+    "seed", "device", "workdir", "versions"}``; the work folder keeps the data, runs and pictures.
+    """
     start = time.perf_counter()
-    workdir.mkdir(parents=True, exist_ok=True)
+    prepare_workdir(workdir)
     source, target = prepare_data(workdir, seed)
     ctx = DemoContext(workdir=workdir, source_root=source, target_root=target, device=device, seed=seed)
     results: list[StageResult] = []
@@ -103,7 +179,8 @@ def run_demo(workdir: Path, *, device: torch.device, seed: int = 0,
             continue
         logger.info("demo stage %s", name)
         results.extend(fn(ctx))
-    return {"stages": [r.as_dict() for r in results], "seconds": round(time.perf_counter() - start, 2)}
+    return {"stages": [r.as_dict() for r in results], "seconds": round(time.perf_counter() - start, 2),
+            "seed": seed, "device": str(device), "workdir": str(workdir), "versions": versions()}
 
 
 @register_demo_stage(order=0, name="random-init")

@@ -56,7 +56,11 @@ class DistInfo:
 
 
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error that says so."""
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU, or a name torch does not know
+    (``gpu``), is an error that says so."""
+    if not _is_device_name(preference):
+        raise ConfigError(f"unknown device {preference!r}: use auto, cpu, cuda or cuda:N (e.g. --device cuda, "
+                          "run.device=cuda)")
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference.startswith("cuda"):
@@ -64,6 +68,17 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
             raise ConfigError(f"device {preference!r} was asked for but CUDA is not available")
         return torch.device(preference if ":" in preference else f"cuda:{local_rank}")
     return torch.device(preference)
+
+
+def _is_device_name(name: str) -> bool:
+    """Whether ``name`` is ``auto`` or a device string torch accepts (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    if name == "auto":
+        return True
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def setup_distributed(device_preference: str = "auto") -> DistInfo:
@@ -330,17 +345,24 @@ def check_resume_fingerprint(ckpt: dict[str, Any], fingerprint: dict[str, Any], 
 
 
 def export_model(run_dir: RunDir, state: dict[str, torch.Tensor], config: dict[str, Any],
-                 fingerprint: dict[str, Any] | None) -> Path:
+                 fingerprint: dict[str, Any] | None, *, epoch: int | None = None,
+                 metrics: dict[str, float] | None = None) -> Path:
     """Write ``model.pth`` (a plain state dict in the published layout) and ``model.json`` beside it.
 
-    ``model.json`` is ``{"meta": build_meta(fingerprint), "config": config}``,
-    which lets ``passreid eval`` rebuild the model (input size, fusion, necks).
+    ``model.json`` is ``{"meta": build_meta(fingerprint), "config": config, "epoch", "metrics"}``:
+    what lets ``passreid eval`` rebuild the model (input size, fusion, necks) and
+    ``passreid info`` say which epoch was exported and what it scored.
     """
     path = run_dir.path / "model.pth"
     save_atomic(state, path)
     sidecar = path.with_suffix(".json")
     tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": build_meta(fingerprint), "config": config}, indent=2) + "\n")
+    record: dict[str, Any] = {"meta": build_meta(fingerprint), "config": config}
+    if epoch is not None:
+        record["epoch"] = int(epoch)
+    if metrics:
+        record["metrics"] = {k: float(v) for k, v in metrics.items()}
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, sidecar)
     return path
 
@@ -364,6 +386,10 @@ def resolve_resume_path(resume: str | None, run_dir: RunDir) -> Path | None:
     if resume is None:
         return None
     path = Path(resume) if resume else run_dir.last
+    if path.is_dir():
+        hint = f"; its last.pth is {path / 'last.pth'}" if (path / "last.pth").is_file() else ""
+        raise TrainingError(f"cannot resume: {path} is a folder, not a checkpoint file (--resume takes a .pth file, "
+                            f"or no value for <run.output_dir>/last.pth){hint}")
     if not path.is_file():
         raise TrainingError(f"cannot resume: checkpoint {path} does not exist")
     return path
@@ -381,6 +407,34 @@ def open_resume_checkpoint(resume: str | None, run_dir: RunDir, config: dict[str
     return ckpt, path
 
 
+def load_state_checked(module: nn.Module, state: dict[str, Any], what: str) -> None:
+    """``module.load_state_dict(state)``, with a resumed checkpoint of another model refused in one
+    :class:`~passreid.errors.CheckpointError` that counts the conflicts and shows the first ones
+    (instead of torch's listing of every tensor)."""
+    from passreid.errors import CheckpointError
+
+    own = module.state_dict()
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the checkpoint's {what} is not a state dict ({type(state).__name__})")
+    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if shapes or missing or unexpected:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} tensor(s) of another shape, e.g. {shapes[0]}")
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        raise CheckpointError(
+            f"the checkpoint's {what} does not fit the model of this config ({'; '.join(parts)}): a run resumes "
+            "only with the architecture and image size it was started with (--force-resume does not change that)"
+        )
+    module.load_state_dict(state)
+
+
 def restore_training_state(
     ckpt: dict[str, Any],
     *,
@@ -391,7 +445,7 @@ def restore_training_state(
 ) -> int:
     """Load model/optimizer/scheduler/scaler/RNG from a training checkpoint; returns the next epoch."""
     if model is not None:
-        unwrap(model).load_state_dict(ckpt["model"])
+        load_state_checked(unwrap(model), ckpt["model"], "model")
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
         if obj is not None and ckpt.get(key) is not None:
             obj.load_state_dict(ckpt[key])
@@ -412,8 +466,13 @@ class GracefulStop:
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def _handler(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            # a forked DataLoader worker inherits this handler; Ctrl-C reaches the whole process
+            # group, and only the training process decides (and says) what happens
+            return
         if self.requested:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -421,6 +480,7 @@ class GracefulStop:
         self.requested = True
 
     def __enter__(self) -> GracefulStop:
+        self._pid = os.getpid()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)

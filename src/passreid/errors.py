@@ -11,6 +11,10 @@ class DatasetError(PassReIDError, ValueError):
     """A data set folder, list file or image is missing, malformed or unreadable."""
 
 
+class BadImageError(DatasetError):
+    """One image file is missing, empty, not an image or truncated (its path is in the message)."""
+
+
 class CheckpointError(PassReIDError, ValueError):
     """A checkpoint cannot be read or does not fit the model."""
 

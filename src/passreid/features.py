@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from passreid.errors import DatasetError
 logger = logging.getLogger(__name__)
 
 NPZ_KEYS = ("features", "pids", "camids", "paths")
+
+BadImagePolicy = Literal["raise", "drop", "replace"]
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("raise", "drop", "replace")
 
 
 @dataclass
@@ -80,16 +83,25 @@ def extract_features(
     mean: Sequence[float] = HALF,
     std: Sequence[float] = HALF,
     progress: bool = False,
+    on_bad_image: BadImagePolicy = "raise",
 ) -> FeatureSet:
     """Run ``model`` (in eval mode it returns L2-normalised features) over ``records``.
 
     With ``flip`` the features of the image and its mirror are averaged and
     normalised again. Mixed precision follows ``precision`` (bf16 on GPU by default).
+    ``on_bad_image`` says what an unreadable image does: ``raise`` a
+    :class:`~passreid.errors.DatasetError` naming it, ``drop`` its row (evaluation
+    with ``data.skip_corrupt``: the result then has fewer rows than ``records``), or
+    ``replace`` it by the next readable image (rows stay aligned with ``records``).
     """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
     device = torch.device(device)
     precision = resolve_precision(precision, device)
+    images_of = ImageDataset(list(records), transform=build_test_transform(img_size, mean, std),
+                             skip_corrupt=on_bad_image != "raise")
     loader = DataLoader(
-        ImageDataset(list(records), transform=build_test_transform(img_size, mean, std)),
+        images_of,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -113,11 +125,18 @@ def extract_features(
         chunks.append(nn.functional.normalize(feats, dim=1).cpu())
     model.train(was_training)
     features = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
+    keep = np.ones(len(records), dtype=bool)
+    bad = images_of.skipped_paths()
+    if bad:
+        logger.warning("%d unreadable image(s) %s (data.skip_corrupt), first: %s", len(bad),
+                       "left out" if on_bad_image == "drop" else "replaced by the next readable one", bad[0])
+        if on_bad_image == "drop":
+            keep = ~images_of.bad_mask()
     return FeatureSet(
-        features=features.astype(np.float32),
-        pids=np.array([r.pid for r in records], dtype=np.int64),
-        camids=np.array([r.camid for r in records], dtype=np.int64),
-        paths=np.array([r.path for r in records], dtype=str),
+        features=features.astype(np.float32)[keep] if len(features) else features.astype(np.float32),
+        pids=np.array([r.pid for r in records], dtype=np.int64)[keep],
+        camids=np.array([r.camid for r in records], dtype=np.int64)[keep],
+        paths=np.array([r.path for r in records], dtype=str)[keep],
     )
 
 
@@ -141,10 +160,15 @@ def evaluate_model(
     flip: bool = False,
     rerank: bool = False,
     precision: str = "auto",
+    skip_corrupt: bool = False,
 ) -> dict[str, Any]:
-    """Extract query and gallery features of ``dataset`` with ``model`` and compute the metrics."""
+    """Extract query and gallery features of ``dataset`` with ``model`` and compute the metrics.
+
+    With ``skip_corrupt`` (a run's ``data.skip_corrupt``) unreadable images are left out of
+    the evaluation instead of stopping it.
+    """
     kwargs = dict(img_size=img_size, batch_size=batch_size, num_workers=num_workers, device=device, flip=flip,
-                  precision=precision)
+                  precision=precision, on_bad_image="drop" if skip_corrupt else "raise")
     query = extract_features(model, dataset.query, **kwargs)
     gallery = extract_features(model, dataset.gallery, **kwargs)
     return evaluate_features(query, gallery, rerank=rerank, device=device)

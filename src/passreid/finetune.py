@@ -42,6 +42,7 @@ from passreid.config import (
 from passreid.data.datasets import ImageRecord, ReIDDataset
 from passreid.data.samplers import RandomIdentitySampler
 from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, register_demo_stage, result_from_metrics
+from passreid.demo import raise_if_stopped
 from passreid.engine import (
     DistInfo,
     GracefulStop,
@@ -481,8 +482,8 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
         if cfg.compile:
             model = torch.compile(model)  # type: ignore[assignment]
         if info.is_main:
-            logger.info("%s\nfine-tuning %s (%s, %d identities) for %d epochs on %d x %s, %s, batch %d = %d x %d",
-                        dataset.summary(), cfg.model.name, cfg.model.pretrained or "random init",
+            logger.info("fine-tuning %s (%s, %d identities) for %d epochs on %d x %s, %s, batch %d = %d x %d",
+                        cfg.model.name, cfg.model.pretrained or "random init",
                         dataset.num_train_pids, cfg.run.epochs, info.world_size, info.device, precision,
                         cfg.optim.batch_size, cfg.optim.batch_size // cfg.optim.num_instances,
                         cfg.optim.num_instances)
@@ -543,7 +544,9 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
         if not stopped and info.is_main and run_dir.best.is_file():
             from passreid.checkpoint import safe_load
 
-            model_path = export_model(run_dir, safe_load(run_dir.best)["model"], config, fingerprint)
+            best = safe_load(run_dir.best)
+            model_path = export_model(run_dir, best["model"], config, fingerprint, epoch=best.get("epoch"),
+                                      metrics=best.get("metrics"))
             logger.info("best mAP %.2f%% at epoch %d; exported %s", 100 * state.best_mAP, state.best_epoch,
                         model_path)
         run_dir.close()
@@ -562,7 +565,7 @@ def _evaluate_and_keep_best(model: nn.Module, dataset: ReIDDataset, cfg: Finetun
 
     metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=device,
                              batch_size=cfg.test.batch_size, num_workers=cfg.data.num_workers, flip=cfg.test.flip,
-                             precision=precision)
+                             precision=precision, skip_corrupt=cfg.data.skip_corrupt)
     state.last_metrics = metrics_record(metrics)
     if state.last_metrics["mAP"] > state.best_mAP:
         state.best_mAP, state.best_epoch = state.last_metrics["mAP"], epoch
@@ -611,9 +614,10 @@ def finetune_for_demo(ctx: DemoContext, name: str, pretrained: str | None = None
     cfg = demo_config(ctx, name, pretrained)
     with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
         result = run_finetune(cfg)
+    raise_if_stopped(result)
     ctx.state["finetuned_checkpoint"] = result["model"]
     ctx.state[f"{name}_checkpoint"] = result["model"]
-    metrics = {"mAP": result["metrics"]["mAP"], "cmc": [result["metrics"]["rank1"]]}
+    metrics = {"mAP": result["metrics"]["mAP"], "mINP": result["metrics"]["mINP"], "cmc": [result["metrics"]["rank1"]]}
     return result_from_metrics(name, metrics, time.perf_counter() - start)
 
 

@@ -40,6 +40,7 @@ from passreid.demo import (
     DemoContext,
     StageResult,
     register_demo_stage,
+    raise_if_stopped,
     result_from_metrics,
 )
 from passreid.engine import (
@@ -54,6 +55,7 @@ from passreid.engine import (
     cosine_value,
     explain_oom,
     gather_rng_states,
+    load_state_checked,
     loss_is_finite,
     make_grad_scaler,
     open_resume_checkpoint,
@@ -803,8 +805,8 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         last_record: dict[str, Any] = {}
         if ckpt is not None:
             models = ckpt["model"]
-            student.load_state_dict(models["student"])
-            teacher.load_state_dict(models["teacher"])
+            load_state_checked(student, models["student"], "student")
+            load_state_checked(teacher, models["teacher"], "teacher")
             loss_fn.load_state_dict(models["centers"])
             start_epoch = restore_training_state(ckpt, model=None, optimizer=optimizer, scheduler=None, scaler=scaler)
             restore_rank_rng(ckpt, info, resume_path)
@@ -945,6 +947,7 @@ def pass_pretrain_stage(ctx: DemoContext) -> list[StageResult]:
     cfg = demo_config(ctx, run_path)
     with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
         result = run_pretrain(cfg)
+    raise_if_stopped(result)
     if result["backbone"] is None:
         raise TrainingError("demo pretraining stopped before the end")
     ctx.state["pretrained_backbone"] = result["backbone"]

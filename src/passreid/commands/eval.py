@@ -6,7 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from passreid.commands._common import add_model_data_arguments, extraction_kwargs, load_model_and_data
+from passreid.commands._common import (
+    add_model_data_arguments,
+    check_output_path,
+    extraction_kwargs,
+    load_model_and_data,
+)
 
 NAME = "eval"
 HELP = "evaluate a checkpoint on a data set (or query/gallery feature files): mAP, CMC, mINP"
@@ -32,23 +37,30 @@ def run(args: argparse.Namespace) -> int:
     use_model = args.checkpoint or args.dataset or args.root
     if use_features and use_model:
         raise ConfigError("give either --checkpoint/--dataset/--root or --query-features/--gallery-features, not both")
+    # output paths are checked before the slow work that fills them
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_path(path, flag)
     if use_features:
         if not (args.query_features and args.gallery_features):
             raise ConfigError("--query-features and --gallery-features go together")
         query, gallery = FeatureSet.load(args.query_features), FeatureSet.load(args.gallery_features)
         device = resolve_device(args.device)
+        source = {"query_features": str(args.query_features), "gallery_features": str(args.gallery_features)}
     else:
         if not (args.checkpoint and args.dataset and args.root):
             raise ConfigError("give --checkpoint, --dataset and --root (or --query-features and --gallery-features)")
-        model, dataset, img_size, device = load_model_and_data(args)
+        model, dataset, img_size, device = load_model_and_data(args, splits=("query", "gallery"))
         kwargs = extraction_kwargs(args, img_size, device)
         query = extract_features(model, dataset.query, **kwargs)
         gallery = extract_features(model, dataset.gallery, **kwargs)
+        source = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "root": str(args.root),
+                  "img_size": list(img_size), "flip": bool(args.flip)}
     metrics = evaluate_features(query, gallery, rerank=args.rerank, device=device)
     print(format_metrics(metrics))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        record = {**metrics, **source, "rerank": bool(args.rerank)}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     if args.plot:
         from passreid.visualize import plot_cmc
 

@@ -9,19 +9,18 @@ HELP = "export a checkpoint to ONNX (images -> L2-normalised features), checked 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from passreid.export import DEFAULT_OPSET
-
     parser.add_argument("checkpoint", metavar="CKPT", help="any supported checkpoint (fine-tuned, backbone, ...)")
     parser.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: passreid.export.DEFAULT_OPSET, 18)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the onnxruntime-vs-torch check on batches of 1 and 3")
 
 
 def run(args: argparse.Namespace) -> int:
-    from passreid.export import INPUT_NAME, OUTPUT_NAME, export_onnx
+    from passreid.export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
 
-    report = export_onnx(args.checkpoint, args.out, opset=args.opset, verify=not args.no_verify)
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    report = export_onnx(args.checkpoint, args.out, opset=opset, verify=not args.no_verify)
     h, w = report.img_size
     print(f"wrote {report.path}: {INPUT_NAME} (batch, 3, {h}, {w}) float32, RGB in [0, 1] normalised with "
           f"mean/std 0.5 -> {OUTPUT_NAME} (batch, {report.feat_dim}) L2-normalised; opset {report.opset}")

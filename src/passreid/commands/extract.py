@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from passreid.commands._common import add_model_data_arguments, extraction_kwargs, load_model_and_data
+from passreid.commands._common import (
+    add_model_data_arguments,
+    check_output_path,
+    extraction_kwargs,
+    load_model_and_data,
+)
 
 NAME = "extract"
 HELP = "extract L2-normalised features of a data set split to an .npz file"
@@ -19,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from passreid.features import extract_features
 
-    model, dataset, img_size, device = load_model_and_data(args)
+    check_output_path(args.out, "--out")  # before the slow work that fills it
+    model, dataset, img_size, device = load_model_and_data(args, splits=(args.split,))
     records = getattr(dataset, args.split)
     features = extract_features(model, records, **extraction_kwargs(args, img_size, device))
     features.save(args.out)

@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         summary.add_row("unknown keys", ", ".join(info["unknown_keys"]))
     if info["epoch"] is not None:
         summary.add_row("epoch", str(info["epoch"]))
+    for key, value in (info.get("metrics") or {}).items():
+        summary.add_row(key, f"{100 * value:.2f}%" if key == "mAP" or key.startswith(("rank", "mINP")) else str(value))
     console.print(summary)
 
     for section in ("meta", "config", "args"):

@@ -8,30 +8,33 @@ from __future__ import annotations
 
 import argparse
 
-from passreid import pretrain  # noqa: F401  (registers the demo stage)
-
-from passreid.commands._common import EXIT_STOPPED, add_training_arguments, resume_command
+from passreid.commands._common import (
+    EXIT_STOPPED,
+    add_training_arguments,
+    load_training_config,
+    progress_wanted,
+    resume_command,
+    run_in_folder,
+)
 
 NAME = "pretrain"
 HELP = "PASS self-supervised pretraining on unlabeled person images (exports the teacher backbone)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``CONFIG [key.sub=value ...] [--resume [CKPT]] [--force-resume] [--no-progress]``."""
+    """``CONFIG [key.sub=value ...] [--resume [CKPT]] [--force-resume] [--overwrite] [--no-progress] ...``."""
     add_training_arguments(parser, example_config="configs/pretrain/pass_vit_small.yaml",
                            example_override="data.root=data/LUPerson data.limit=100000")
-    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from passreid.config import load_config
-    from passreid.engine import cores_beside_workers
     from passreid.pretrain import PretrainConfig, run_pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
-        result = run_pretrain(cfg, resume=args.resume, force_resume=args.force_resume,
-                              progress=not args.no_progress)
+    cfg = load_training_config(PretrainConfig, args)
+    if cfg is None:
+        return 0
+    result = run_in_folder(args, cfg, lambda: run_pretrain(cfg, resume=args.resume, force_resume=args.force_resume,
+                                                           progress=progress_wanted(args)))
     if result["stopped"]:
         print(f"stopped after epoch {result['epoch']}; continue with: {resume_command('pretrain', args)}")
         return EXIT_STOPPED

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from passreid.commands._common import add_progress_argument, non_negative_int, positive_int
+
 NAME = "search"
 HELP = "index a folder or data set split with a model, then query it with images (top-k + ranked-list picture)"
 
@@ -26,9 +28,10 @@ _CHUNK = 10_000
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="CKPT", required=True, help="any supported checkpoint")
     parser.add_argument("--index", metavar="IDX.npz", required=True, help="the gallery index file")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--num-workers", type=non_negative_int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (feature extraction)")
+    add_progress_argument(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--root", metavar="DIR", help="data set folder (the CSV file for csv)")
     source.add_argument("--split", choices=("gallery", "query", "train"), default="gallery")
     index.add_argument("--flip", action="store_true", help="average each image's feature with its mirror's")
+    index.add_argument("--skip-corrupt", action="store_true",
+                       help="leave out unreadable images (empty, truncated, not an image), listing them, "
+                            "instead of stopping at the first")
     index.add_argument("--index-type", choices=("auto", "flat", "ivf"), default="auto",
                        help="flat (exact) or ivf (approximate, for > 1M images); auto picks by size "
                             "when the index is created")
@@ -51,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query = sub.add_parser("query", help="top-k gallery images for a query image or a folder of them")
     _add_model_arguments(query)
     query.add_argument("query", metavar="IMAGE_OR_DIR", help="a query image, or a folder of query images")
-    query.add_argument("-k", type=int, default=10, help="results per query")
+    query.add_argument("-k", type=positive_int, default=10, help="results per query")
     query.add_argument("--picture", metavar="OUT.png",
                        help="write the ranked list as a picture (one per query: OUT_<name>.png for a folder)")
 
@@ -93,6 +99,7 @@ def _run_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from passreid.api import load
+    from passreid.commands._common import progress_wanted
     from passreid.errors import ConfigError
     from passreid.search import IVF_THRESHOLD, Gallery
 
@@ -116,17 +123,57 @@ def _run_index(args: argparse.Namespace) -> int:
         return 0
     pipeline = load(args.checkpoint, device=args.device)
     gallery.meta["img_size"] = list(pipeline.img_size)
-    with tqdm(total=len(new), desc="index", unit="img") as progress:
+    skipped: list[str] = []
+    with tqdm(total=len(new), desc="index", unit="img", disable=not progress_wanted(args)) as progress:
         for start in range(0, len(new), _CHUNK):
             chunk = new[start : start + _CHUNK]
-            paths = [r.path for r in chunk]
-            feats = pipeline.extract(paths, batch_size=args.batch_size, flip=args.flip, num_workers=args.num_workers)
-            gallery.add(feats, paths, [r.pid for r in chunk], [r.camid for r in chunk])
-            progress.update(len(chunk))
+            progress_step = len(chunk)
+            if args.skip_corrupt:
+                feats, chunk, bad = _extract_skipping_bad(pipeline, chunk, args)
+                skipped.extend(bad)
+            else:
+                feats = pipeline.extract([r.path for r in chunk], batch_size=args.batch_size, flip=args.flip,
+                                         num_workers=args.num_workers)
+            if chunk:
+                gallery.add(feats, [r.path for r in chunk], [r.pid for r in chunk], [r.camid for r in chunk])
+            progress.update(progress_step)
+    for path in skipped:
+        print(f"skipped unreadable image: {path}")
     gallery.save(index_path)
-    print(f"{index_path}: added {len(new)} images ({len(records) - len(new)} already there), "
+    added = len(new) - len(skipped)
+    print(f"{index_path}: added {added} images ({len(records) - len(new)} already there"
+          f"{f', {len(skipped)} unreadable skipped' if skipped else ''}), "
           f"{len(gallery)} in total, {gallery.index_type} index, feature dim {gallery.dim}")
     return 0
+
+
+def _extract_skipping_bad(pipeline: Any, chunk: list[Any], args: argparse.Namespace
+                          ) -> tuple[Any, list[Any], list[str]]:
+    """Features of the readable images of ``chunk``: ``(features, kept records, unreadable paths)``.
+
+    The chunk is extracted in one go; only when that meets a bad image is every
+    image of the chunk read once to find the bad ones, and the rest extracted again.
+    """
+    from passreid.data.images import read_image
+    from passreid.errors import BadImageError
+
+    def extract(records: list[Any]) -> Any:
+        return pipeline.extract([r.path for r in records], batch_size=args.batch_size, flip=args.flip,
+                                num_workers=args.num_workers)
+
+    try:
+        return extract(chunk), chunk, []
+    except BadImageError:
+        pass
+    kept, bad = [], []
+    for record in chunk:
+        try:
+            read_image(record.path)
+        except BadImageError:
+            bad.append(record.path)
+        else:
+            kept.append(record)
+    return (extract(kept) if kept else None), kept, bad
 
 
 def _query_paths(source: str) -> list[str]:
@@ -157,11 +204,12 @@ def _run_query(args: argparse.Namespace) -> int:
     pids, camids = gallery.pids, gallery.camids
     for i, query in enumerate(paths):
         print(f"query {query}")
-        print(f"{'rank':>4}  {'score':>6}  {'pid':>5}  {'cam':>3}  path")
+        print(f"{'rank':>4}  {'score':>6}  {'pid':>5}  {'cam':>3}  path")  # cameras 1-based, as in file names
         valid = result.indices[i] >= 0
         rows = result.indices[i][valid].tolist()
         for rank, (j, score) in enumerate(zip(rows, result.scores[i][valid].tolist()), start=1):
-            print(f"{rank:>4}  {score:6.3f}  {pids[j]:>5}  {camids[j]:>3}  {result.paths[i][rank - 1]}")
+            cam = str(camids[j] + 1) if camids[j] >= 0 else "-"
+            print(f"{rank:>4}  {score:6.3f}  {pids[j]:>5}  {cam:>3}  {result.paths[i][rank - 1]}")
         if args.picture:
             out = Path(args.picture)
             if len(paths) > 1:

@@ -17,16 +17,14 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from passreid.data.synthetic import DOMAINS
-
     parser.add_argument("out", metavar="OUT", help="folder to write (bounding_box_train, bounding_box_test, query)")
     parser.add_argument("--ids", type=int, default=100, help="number of identities, half train and half test")
     parser.add_argument("--train-ids", type=int, help="number of training identities (default: half of --ids)")
     parser.add_argument("--cams", type=int, default=6, help="number of cameras")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    parser.add_argument("--domain", choices=sorted(DOMAINS),
-                        help="camera style family (backgrounds, light, colour cast; default market); two domains "
-                             "give a UDA pair")
+    parser.add_argument("--domain",
+                        help="camera style family (backgrounds, light, colour cast), one of passreid.data.DOMAINS "
+                             "(market, msmt, duke; default market); two domains give a UDA pair")
     parser.add_argument("--images-per-cam", type=int, default=2, help="images of an identity in each of its cameras")
     parser.add_argument("--size", type=_size, default=(128, 64), metavar="HxW", help="crop size, e.g. 256x128")
     parser.add_argument("--overwrite", action="store_true", help="replace a set already written to OUT")

@@ -3,23 +3,25 @@
     passreid train configs/finetune/market_vit_small.yaml data.root=data/market1501
     torchrun --nproc-per-node 4 -m passreid train configs/finetune/msmt17_vit_base.yaml
     passreid train configs/finetune/market_vit_small.yaml --resume          # continue <run>/last.pth
-
-Importing this module also registers the fine-tuning demo stage.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from passreid import finetune  # noqa: F401  (registers the "finetune" demo stage)
-
-from passreid.commands._common import EXIT_STOPPED, add_training_arguments, resume_command
+from passreid.commands._common import (
+    EXIT_STOPPED,
+    add_training_arguments,
+    is_main_process,
+    load_training_config,
+    progress_wanted,
+    resume_command,
+    run_in_folder,
+)
 
 NAME = "train"
 HELP = "fine-tune a ReID model on a labelled data set (TransReID recipe with PASS tokens)"
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,14 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from passreid.config import load_config
-    from passreid.engine import cores_beside_workers
     from passreid.finetune import FinetuneConfig, run_finetune
 
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
-        result = run_finetune(cfg, resume=args.resume, force_resume=args.force_resume, progress=True)
-    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    cfg = load_training_config(FinetuneConfig, args)
+    if cfg is None:
+        return 0
+    result = run_in_folder(args, cfg, lambda: run_finetune(cfg, resume=args.resume, force_resume=args.force_resume,
+                                                           progress=progress_wanted(args)))
+    is_main = is_main_process()  # under torchrun only rank 0 reports
     if result["stopped"]:
         if is_main:
             command = resume_command("train", args)

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from passreid import cluster  # noqa: F401  (registers the demo stage)
-
-from passreid.commands._common import EXIT_STOPPED, add_training_arguments, resume_command
+from passreid.commands._common import (
+    EXIT_STOPPED,
+    add_training_arguments,
+    load_training_config,
+    resume_command,
+    run_in_folder,
+)
 
 NAME = "usl"
 HELP = "unsupervised ReID: cluster contrast on an unlabelled train split, from a pretrained backbone"
@@ -25,12 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_mode(args: argparse.Namespace, mode: str) -> int:
     """Load the recipe, run cluster contrast in ``mode`` (usl or uda) and print where the model went."""
     from passreid.cluster import ClusterConfig, run_cluster
-    from passreid.config import load_config
-    from passreid.engine import cores_beside_workers
 
-    cfg = load_config(ClusterConfig, args.config, args.overrides)
-    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
-        result = run_cluster(cfg, mode=mode, resume=args.resume, force_resume=args.force_resume)
+    cfg = load_training_config(ClusterConfig, args)
+    if cfg is None:
+        return 0
+    result = run_in_folder(args, cfg, lambda: run_cluster(cfg, mode=mode, resume=args.resume,
+                                                          force_resume=args.force_resume))
     if result["stopped"]:
         print(f"stopped early; continue with: {resume_command(mode, args)} "
               f"(checkpoint {result['run_dir']}/last.pth)")

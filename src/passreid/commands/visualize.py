@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import passreid.visualize  # noqa: F401  (registers the demo stage "visualize")
-from passreid.commands._common import add_model_data_arguments, extraction_kwargs, load_model_and_data
+from passreid.commands._common import add_model_data_arguments, extraction_kwargs, load_model_and_data, positive_int
 
 NAME = "visualize"
 HELP = "ranked-list pictures (green: correct, red: wrong) of chosen or worst queries, and attention maps"
@@ -30,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_data_arguments(parser)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--queries", type=_indices, metavar="I,J,...", help="query indices (in data set order)")
-    which.add_argument("--worst", type=int, metavar="N", help="the N queries with the lowest AP (default 5)")
-    parser.add_argument("-k", type=int, default=10, help="gallery images per ranked list")
+    which.add_argument("--worst", type=positive_int, metavar="N", help="the N queries with the lowest AP (default 5)")
+    parser.add_argument("-k", type=positive_int, default=10, help="gallery images per ranked list")
     parser.add_argument("--out", metavar="DIR", required=True, help="folder for the pictures")
     parser.add_argument("--attention", action="store_true",
                         help="also draw the class/part-token attention maps of the chosen queries")
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                               f"(0..{len(query) - 1})")
         chosen = [(i, f"rank_{Path(str(query.paths[i])).stem}") for i in args.queries]
     else:
-        worst = worst_queries(rankings.ap, args.worst or 5)
+        worst = worst_queries(rankings.ap, 5 if args.worst is None else args.worst)
         chosen = [(i, f"worst{n}_{Path(str(query.paths[i])).stem}") for n, i in enumerate(worst, start=1)]
     out = Path(args.out)
     for i, name in chosen:
@@ -65,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                          out=out / f"{name}.png", k=args.k)
         ap = rankings.ap[i]
         ap_text = f"AP {100 * ap:5.1f}" if ap == ap else "no correct match in the gallery"
-        print(f"{out / f'{name}.png'}  query {i} (pid {query.pids[i]}, cam {query.camids[i]}), {ap_text}")
+        print(f"{out / f'{name}.png'}  query {i} (pid {query.pids[i]}, cam {query.camids[i] + 1}), {ap_text}")
     if args.attention:
         attention_figure(model, [str(query.paths[i]) for i, _ in chosen], out=out / "attention.png")
         print(f"{out / 'attention.png'}  attention of the class and part tokens, one row per query")

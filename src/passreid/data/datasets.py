@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import logging
 import os
 import re
@@ -126,7 +127,9 @@ def relabel(records: Sequence[ImageRecord]) -> list[ImageRecord]:
 
 def _check_published(label: str, splits: dict[str, list[ImageRecord]], root: Path) -> str:
     """``label`` if the split sizes are the published ones of ``label``, else ``"custom"`` with a warning."""
-    expected = PUBLISHED_COUNTS[label]
+    expected = dict(PUBLISHED_COUNTS[label])
+    if not splits["train"]:  # an evaluation-only copy: compare what is there
+        expected["train"] = (0, 0)
     found = {s: (len(splits[s]), _num_ids(splits[s])) for s in SPLITS}
     if found == expected:
         return label
@@ -176,10 +179,18 @@ def _read_market_split(
     return records
 
 
-def _load_market_layout(root: Path, pattern: re.Pattern[str]) -> dict[str, list[ImageRecord]]:
-    """``bounding_box_train``, ``query``, ``bounding_box_test`` → relabelled train, query, gallery."""
+def _load_market_layout(root: Path, pattern: re.Pattern[str], need_train: bool = True) -> dict[str, list[ImageRecord]]:
+    """``bounding_box_train``, ``query``, ``bounding_box_test`` → relabelled train, query, gallery.
+
+    Without ``need_train`` (evaluation, which never reads it) a missing ``bounding_box_train``
+    gives an empty train split.
+    """
     _require_dir(root, "data set root")
-    train = _read_market_split(root / "bounding_box_train", pattern, "train", keep_distractors=False)
+    if need_train or (root / "bounding_box_train").is_dir():
+        train = _read_market_split(root / "bounding_box_train", pattern, "train", keep_distractors=False)
+    else:
+        logger.info("%s has no bounding_box_train: loaded for evaluation only (query and gallery)", root)
+        train = []
     query = _read_market_split(root / "query", pattern, "query", keep_distractors=False)
     gallery = _read_market_split(root / "bounding_box_test", pattern, "gallery", keep_distractors=True)
     return {"train": relabel(train), "query": query, "gallery": gallery}
@@ -190,18 +201,18 @@ class Market1501(ReIDDataset):
 
     PATTERN = re.compile(r"^(-1|\d+)_c(\d+)s\d+_\d+_\d+\.(?:jpe?g|png)$", re.IGNORECASE)
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, need_train: bool = True) -> None:
         root = Path(root)
-        splits = _load_market_layout(root, self.PATTERN)
+        splits = _load_market_layout(root, self.PATTERN, need_train)
         super().__init__("market1501", **splits, version=_check_published("Market-1501", splits, root), root=root)
 
 
 class SyntheticMarket(ReIDDataset):
     """A synthetic set in the Market-1501 layout (:mod:`passreid.data.synthetic`); no published counts."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, need_train: bool = True) -> None:
         root = Path(root)
-        super().__init__("synthetic", **_load_market_layout(root, Market1501.PATTERN), version="synthetic",
+        super().__init__("synthetic", **_load_market_layout(root, Market1501.PATTERN, need_train), version="synthetic",
                          root=root)
 
 
@@ -210,9 +221,9 @@ class DukeMTMC(ReIDDataset):
 
     PATTERN = re.compile(r"^(-1|\d+)_c(\d+)_f\d+\.(?:jpe?g|png)$", re.IGNORECASE)
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, need_train: bool = True) -> None:
         root = Path(root)
-        splits = _load_market_layout(root, self.PATTERN)
+        splits = _load_market_layout(root, self.PATTERN, need_train)
         super().__init__("dukemtmc", **splits, version=_check_published("DukeMTMC-reID", splits, root), root=root)
 
 
@@ -226,16 +237,16 @@ class CUHK03NP(ReIDDataset):
     PATTERN = re.compile(r"^(-1|\d+)_c(\d+)_\d+\.(?:png|jpe?g)$", re.IGNORECASE)
     VARIANTS = ("labeled", "detected")
 
-    def __init__(self, root: str | os.PathLike, variant: str = "labeled") -> None:
+    def __init__(self, root: str | os.PathLike, variant: str = "labeled", need_train: bool = True) -> None:
         if variant not in self.VARIANTS:
             raise DatasetError(f"CUHK03-NP variant {variant!r} is not one of {', '.join(self.VARIANTS)}")
         root = _require_dir(Path(root), "data set root")
-        if (root / "bounding_box_train").is_dir():
+        if (root / "bounding_box_train").is_dir() or (root / "query").is_dir():
             folder = root
             variant = root.name if root.name in self.VARIANTS else variant
         else:
             folder = _require_dir(root / variant, f"CUHK03-NP {variant} folder")
-        splits = _load_market_layout(folder, self.PATTERN)
+        splits = _load_market_layout(folder, self.PATTERN, need_train)
         version = _check_published(f"CUHK03-NP-{variant}", splits, folder)
         super().__init__("cuhk03np", **splits, version=version, root=folder)
         self.variant = variant
@@ -323,7 +334,8 @@ def _is_int(text: str) -> bool:
 class CSVDataset(ReIDDataset):
     """A custom labelled set: a CSV with columns ``path,pid,split`` and optionally ``camid``.
 
-    ``split`` is ``train``, ``query`` or ``gallery``; ``camid`` is 0-based;
+    ``split`` is ``train``, ``query`` or ``gallery`` (``train`` rows may be absent with
+    ``need_train=False``, for evaluation); ``camid`` is 0-based;
     relative paths are resolved against the CSV's folder. Without ``camid`` every
     distinct image gets its own camera, so the standard "same identity and same
     camera" removal of evaluation (DESIGN §6) removes exactly the query image
@@ -332,7 +344,7 @@ class CSVDataset(ReIDDataset):
 
     REQUIRED = ("path", "pid", "split")
 
-    def __init__(self, csv_path: str | os.PathLike) -> None:
+    def __init__(self, csv_path: str | os.PathLike, need_train: bool = True) -> None:
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise DatasetError(f"CSV file not found: {csv_path}")
@@ -375,7 +387,7 @@ class CSVDataset(ReIDDataset):
         splits: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
         for path, pid, camid, split in rows:
             splits[split].append(ImageRecord(path, pid, int(camid)))
-        empty = [s for s in SPLITS if not splits[s]]
+        empty = [s for s in SPLITS if not splits[s] and (need_train or s != "train")]
         if empty:
             raise DatasetError(f"CSV file {csv_path} has no rows for split(s) {', '.join(empty)}")
         splits["train"] = relabel(splits["train"])
@@ -484,8 +496,11 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_dataset(name: str, root: str | os.PathLike, **kwargs: Any) -> ReIDDataset:
+def build_dataset(name: str, root: str | os.PathLike, *, need_train: bool = True, **kwargs: Any) -> ReIDDataset:
     """Load data set ``name`` from ``root`` (the CSV file for ``csv``).
+
+    ``need_train=False`` (evaluation) lets a Market-layout set come without
+    ``bounding_box_train``; other layouts load as usual.
 
     >>> ds = build_dataset("market1501", "data/Market-1501-v15.09.15")
     >>> ds.num_train_pids, len(ds.query)
@@ -494,6 +509,8 @@ def build_dataset(name: str, root: str | os.PathLike, **kwargs: Any) -> ReIDData
     loader = _REGISTRY.get(name.lower())
     if loader is None:
         raise DatasetError(f"unknown data set {name!r}; choose one of {', '.join(list_datasets())}")
+    if not need_train and "need_train" in inspect.signature(loader).parameters:
+        kwargs["need_train"] = False
     dataset = loader(root, **kwargs)
     logger.info("%s", dataset.summary())
     return dataset

@@ -13,12 +13,13 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from passreid.data.datasets import ImageRecord
-from passreid.errors import DatasetError
+from passreid.errors import BadImageError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -27,23 +28,23 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     """Open ``path`` fully decoded as an RGB PIL image.
 
     Raises:
-        DatasetError: the file is missing, empty, not an image or truncated.
+        BadImageError: the file is missing, empty, not an image or truncated.
     """
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
     except OSError as exc:
-        raise DatasetError(f"image not found or not accessible: {path} ({exc.strerror})") from exc
+        raise BadImageError(f"image not found or not accessible: {path} ({exc.strerror})") from exc
     if size == 0:
-        raise DatasetError(f"image file is empty (0 bytes): {path}")
+        raise BadImageError(f"image file is empty (0 bytes): {path}")
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later inside a transform
             return img.convert("RGB")
     except UnidentifiedImageError as exc:
-        raise DatasetError(f"not an image (or an unsupported format): {path}") from exc
+        raise BadImageError(f"not an image (or an unsupported format): {path}") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"unreadable or truncated image {path}: {exc}") from exc
+        raise BadImageError(f"unreadable or truncated image {path}: {exc}") from exc
 
 
 class ImageDataset(Dataset):
@@ -99,6 +100,12 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, record.pid, record.camid, index
+
+    def bad_mask(self) -> np.ndarray:
+        """(N,) bool: which records were found unreadable and replaced (all False without ``skip_corrupt``)."""
+        if self._bad is None:
+            return np.zeros(len(self.records), dtype=bool)
+        return self._bad.numpy().copy()
 
     def skipped_paths(self) -> list[str]:
         """Paths of the bad files replaced so far (always empty without ``skip_corrupt``)."""
