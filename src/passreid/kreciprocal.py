@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -37,7 +38,7 @@ import scipy.sparse as sp
 import torch
 
 from passreid.errors import ConfigError
-from passreid.evaluation import distance_chunks
+from passreid.distance import distance_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -79,35 +80,27 @@ def _knn_faiss(features: torch.Tensor, k: int) -> np.ndarray:
     return nn.astype(np.int64, copy=False)
 
 
-def _knn_torch(
-    features: torch.Tensor, k: int, device: torch.device | None, *, keep_block: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _knn_torch(features: torch.Tensor, k: int, device: torch.device | None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by chunked exact search with torch.
 
     Args:
         features: ``(N, D)`` float32.
         k: neighbours per point (self included).
         device: where the distances are computed (e.g. ``"cuda"``).
-        keep_block: if > 0, also return the distances of rows ``0 .. keep_block - 1`` to
-            columns ``keep_block .. N - 1`` (re-ranking's query x gallery block).
 
     Returns:
-        ``(N, k)`` int64 indices (ascending distance), ``(N,)`` float32 largest squared
-        distance of each row, and the kept ``(keep_block, N - keep_block)`` float32 block
-        or None (numpy, CPU).
+        ``(N, k)`` int64 indices (ascending distance) and ``(N,)`` float32 largest squared
+        distance of each row (numpy, CPU).
     """
     n = features.shape[0]
     rows = max(1, CHUNK_BYTES // (12 * n))
     nn = np.empty((n, k), dtype=np.int64)
     row_max = np.empty(n, dtype=np.float32)
-    block = np.empty((keep_block, n - keep_block), dtype=np.float32) if keep_block else None
     for start, dist in distance_chunks(features, features, chunk_size=rows, device=device):
         stop = start + dist.shape[0]
         nn[start:stop] = torch.topk(dist, k, dim=1, largest=False, sorted=True).indices.cpu().numpy()
         row_max[start:stop] = dist.max(dim=1).values.cpu().numpy()
-        if block is not None and start < keep_block:
-            block[start : min(stop, keep_block)] = dist[: keep_block - start, keep_block:].cpu().numpy()
-    return nn, row_max, block
+    return nn, row_max
 
 
 def _resolve_search(search: Search, device: torch.device | None) -> str:
@@ -404,6 +397,93 @@ def jaccard_distance(
     return out
 
 
+class _ReRanker:
+    """The k-reciprocal encoding of queries and gallery together, ready to re-rank query rows.
+
+    Holds what every block of re-ranked rows needs and nothing of size ``Q x G``: the
+    features, each point's ``1 / max_l d(i, l)``, the sparse encoding V and the inverted
+    index of its gallery rows.
+
+    Args:
+        q: ``(Q, D)``, g: ``(G, D)`` float32 CPU features.
+        k1, k2, lambda_value: the method's parameters.
+        device: where the all-pairs distance pass runs.
+    """
+
+    def __init__(
+        self, q: torch.Tensor, g: torch.Tensor, k1: int, k2: int, lambda_value: float, device: torch.device | None
+    ) -> None:
+        if q.shape[1] != g.shape[1]:
+            raise ValueError(f"qf and gf differ in feature size: {q.shape[1]} vs {g.shape[1]}")
+        if k1 < 1 or k2 < 1:
+            raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
+        self.q, self.g = q, g
+        self.lambda_value = lambda_value
+        self.device = device
+        num_q = q.shape[0]
+        feats = torch.cat([q, g])
+        num = feats.shape[0]
+        n_full = min(k1 + 1, num)
+        n_half = min(round(k1 / 2) + 1, num)
+        k = min(max(n_full, n_half, k2), num)
+        with torch.inference_mode():
+            nn, row_max = _knn_torch(feats, k, device)
+        self.scale = 1.0 / np.maximum(row_max, np.finfo(np.float32).tiny)
+        v = _encode(feats.numpy(), nn, n_full=n_full, n_half=n_half, k2=min(k2, num), scale=self.scale)
+        del feats, nn
+        self.workers = max(1, torch.get_num_threads())
+        self.sums = _MinSums(v, range(num_q, num), self.workers)
+        logger.debug("re-ranking %d queries x %d gallery: encoding with %d entries (%.1f per point)",
+                     num_q, g.shape[0], v.nnz, v.nnz / max(num, 1))
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, (C, G) float32 CPU)`` re-ranked distances of consecutive query blocks."""
+        lam = self.lambda_value
+        with ThreadPoolExecutor(self.workers) as pool:
+            for start, dist in distance_chunks(self.q, self.g, chunk_size=chunk_size, device=self.device):
+                block = dist.cpu().numpy()
+                stop = start + block.shape[0]
+                block *= (lam * self.scale[start:stop])[:, None]
+
+                def add_jaccard(bounds: tuple[int, int], block: np.ndarray = block, start: int = start) -> None:
+                    lo, hi = bounds
+                    block[lo - start : hi - start] += (1.0 - lam) * _jaccard_from_min_sum(self.sums.block(lo, hi))
+
+                list(pool.map(add_jaccard, self.sums.starts(range(start, stop))))
+                yield start, torch.from_numpy(block)
+
+
+def re_ranked_chunks(
+    qf: ArrayLike,
+    gf: ArrayLike,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    *,
+    chunk_size: int,
+    device: str | torch.device | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`re_ranking` one block of query rows at a time, for evaluation at any size.
+
+    Yields ``(start, block)``: the re-ranked distances of queries ``start .. start + C - 1``
+    to the whole gallery, ``(C, G)`` float32 on the CPU, the rows of :func:`re_ranking`'s
+    matrix. Memory beyond the features: the sparse encoding (~1 KB a point at k1 20, k2
+    6), one all-pairs distance chunk while the neighbours are found, then one block.
+
+    Args:
+        qf: ``(Q, D)`` query features; gf: ``(G, D)`` gallery features.
+        k1, k2, lambda_value: see :func:`re_ranking`.
+        chunk_size: queries per block.
+        device: where the distance passes run (e.g. ``"cuda"``); the encoding is on the CPU.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    q = _as_features(qf, "qf")
+    g = _as_features(gf, "gf")
+    dev = torch.device(device) if device is not None else None
+    yield from _ReRanker(q, g, k1, k2, lambda_value, dev).chunks(chunk_size)
+
+
 def re_ranking(
     qf: ArrayLike,
     gf: ArrayLike,
@@ -424,34 +504,17 @@ def re_ranking(
     Args:
         qf: ``(Q, D)`` query features; gf: ``(G, D)`` gallery features.
         k1, k2, lambda_value: the method's parameters (published: 20, 6, 0.3).
-        device: where the all-pairs distance pass runs (e.g. ``"cuda"``).
+        device: where the distance passes run (e.g. ``"cuda"``).
 
     Returns:
         ``(Q, G)`` float32 re-ranked distances (CPU). Only this block is dense; the
-        encoding is sparse: Market-1501 (3,368 x 15,913) peaked at ~750 MB including the
-        205 MB result.
+        encoding is sparse. To evaluate, ``evaluation.evaluate(..., rerank=True)`` ranks
+        the same rows block by block (:func:`re_ranked_chunks`) without this matrix.
     """
     q = _as_features(qf, "qf")
     g = _as_features(gf, "gf")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"qf and gf differ in feature size: {q.shape[1]} vs {g.shape[1]}")
-    if k1 < 1 or k2 < 1:
-        raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
-    num_q = q.shape[0]
-    feats = torch.cat([q, g])
-    num = feats.shape[0]
-    dev = torch.device(device) if device is not None else None
-    n_full = min(k1 + 1, num)
-    n_half = min(round(k1 / 2) + 1, num)
-    k = min(max(n_full, n_half, k2), num)
-    with torch.inference_mode():
-        nn, row_max, original = _knn_torch(feats, k, dev, keep_block=num_q)
-    assert original is not None
-    scale = 1.0 / np.maximum(row_max, np.finfo(np.float32).tiny)
-    v = _encode(feats.numpy(), nn, n_full=n_full, n_half=n_half, k2=min(k2, num), scale=scale)
-    original *= scale[:num_q, None]
-    original *= lambda_value
-    sums = _MinSums(v, range(num_q, num))
-    for start, stop in sums.starts(range(num_q)):
-        original[start:stop] += (1.0 - lambda_value) * _jaccard_from_min_sum(sums.block(start, stop))
-    return torch.from_numpy(original)
+    out = torch.empty(q.shape[0], g.shape[0])
+    rows = max(1, CHUNK_BYTES // (4 * max(g.shape[0], 1)))
+    for start, block in re_ranked_chunks(q, g, k1, k2, lambda_value, chunk_size=rows, device=device):
+        out[start : start + block.shape[0]] = block
+    return out
