@@ -225,3 +225,62 @@ def distance_chunks(
         with _guard(dev):
             block = gallery.distances(q[start : start + chunk_size].to(dev))
         yield start, block
+
+
+def self_distance_blocks(
+    features: ArrayLike, *, block: int, device: str | torch.device | None = None
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The blocks on and above the diagonal of the squared Euclidean distance matrix of a set.
+
+    Yields ``(s, t, dist)`` with ``dist`` the ``(b, b')`` float32 distances of points
+    ``s .. s + b - 1`` (rows) to points ``t .. t + b' - 1`` (columns), ``s <= t``: first
+    every diagonal block, then the blocks above it, row of blocks by row of blocks. The
+    matrix is symmetric, so these hold every pair once (half the products of a
+    row-by-row pass); the value of a pair is that of the block that holds it.
+
+    Args:
+        features: ``(N, D)``.
+        block: points per block.
+        device: where the products run; default the features' device.
+    """
+    x = as_float_tensor(features, "features")
+    dev = torch.device(device) if device is not None else x.device
+    x = x.to(dev)
+    n = x.shape[0]
+    with _guard(dev):
+        columns = _Gallery(x, "euclidean", "fp32").aug  # (N, D + 2), prepared once
+    starts = range(0, n, block)
+    pairs = [(s, s) for s in starts] + [(s, t) for s in starts for t in starts if t > s]
+    row_start, rows = -1, columns
+    for s, t in pairs:
+        with _guard(dev):
+            if s != row_start:
+                row_start, rows = s, _augment(x[s : s + block], "euclidean", "query")
+            dist = _matmul(rows, columns[t : t + block]).clamp_(min=0.0)
+        yield s, t, dist
+
+
+def entries_at_most(dist: torch.Tensor, bound: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` int64, row-major, of the entries of a block no larger than a bound.
+
+    Args:
+        dist: ``(R, C)`` float32.
+        bound: ``(R,)`` one bound per row (``dim=1``) or ``(C,)`` one per column (``dim=0``).
+
+    On the CPU numpy does the comparison and ``flatnonzero``: 2x faster than torch's
+    broadcast comparison and ``nonzero`` on 2 cores (and torch's OpenMP threads wait on
+    each other when other processes share the machine).
+    """
+    if dist.device.type != "cpu":
+        return (dist <= (bound.unsqueeze(1) if dim == 1 else bound.unsqueeze(0))).nonzero(as_tuple=True)
+    b = bound.numpy()
+    flat = torch.from_numpy(np.flatnonzero(dist.numpy() <= (b[:, None] if dim == 1 else b[None, :])))
+    rows = flat // dist.shape[1]
+    return rows, flat - rows * dist.shape[1]
+
+
+def block_max(dist: torch.Tensor, dim: int) -> torch.Tensor:
+    """``dist.amax(dim)`` of a ``(R, C)`` float32 block (numpy on the CPU: see :func:`entries_at_most`)."""
+    if dist.device.type != "cpu":
+        return dist.amax(dim)
+    return torch.from_numpy(dist.numpy().max(axis=dim))
