@@ -82,9 +82,9 @@ def _check_finite_order(dist: torch.Tensor) -> None:
     if dist.numel() == 0:
         return
     low, high = torch.aminmax(dist.view(torch.int32))
-    # A NaN has all exponent bits set and a non-zero mantissa: above +inf's pattern, or
-    # below -inf's when the sign is set; check the values only when one could be there.
-    if (int(high) > 0x7F800000 or int(low) < -0x00800000) and bool(torch.isnan(dist).any()):
+    # A NaN's pattern is above +inf's, or has the sign bit set (negative as int32): look at
+    # the values only when one could be there.
+    if (int(high) > 0x7F800000 or int(low) < 0) and bool(torch.isnan(dist).any()):
         raise ValueError("NaN distance (features with huge or non-finite values?)")
 
 
