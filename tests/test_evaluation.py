@@ -356,3 +356,22 @@ def test_cuda_bf16_ranks_close_to_fp32_and_ties_exact() -> None:
     dist, q_pids, g_pids, q_cams, g_cams = _hard_split(1)
     got = evaluate_distmat(torch.from_numpy(dist).cuda(), q_pids, g_pids, q_cams, g_cams, chunk_size=7)
     assert_same_metrics(got, reference_metrics(dist, q_pids, g_pids, q_cams, g_cams))
+
+
+def test_eval_command_reranks_feature_files(tmp_path) -> None:
+    """`passreid eval --rerank` on feature files: the metrics of re_ranking's matrix."""
+    import json
+
+    from passreid.cli import main as cli_main
+    from passreid.features import FeatureSet
+    from passreid.kreciprocal import re_ranking
+
+    qf, gf, q_pids, g_pids, q_cams, g_cams = random_split(8, num_q=15, num_g=80)
+    for name, f, p, c in (("q", qf, q_pids, q_cams), ("g", gf, g_pids, g_cams)):
+        FeatureSet(f, p, c, np.array([f"{name}{i}.jpg" for i in range(len(f))])).save(tmp_path / f"{name}.npz")
+    out = tmp_path / "metrics.json"
+    code = cli_main(["eval", "--query-features", str(tmp_path / "q.npz"), "--gallery-features", str(tmp_path / "g.npz"),
+                     "--rerank", "--device", "cpu", "--json", str(out)])
+    assert code == 0
+    got = json.loads(out.read_text())
+    assert_same_metrics(got, reference_metrics(re_ranking(qf, gf).numpy(), q_pids, g_pids, q_cams, g_cams))
