@@ -299,7 +299,7 @@ def test_cpu_products_use_torch_thread_count() -> None:
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        with distance._blas_threads():
+        with distance._blas_threads(torch.get_num_threads()):
             numpy_blas = [info for info in threadpool_info() if "numpy" in info["filepath"] and info["user_api"] == "blas"]
             assert numpy_blas and all(info["num_threads"] == 1 for info in numpy_blas)
     finally:
@@ -375,3 +375,18 @@ def test_eval_command_reranks_feature_files(tmp_path) -> None:
     assert code == 0
     got = json.loads(out.read_text())
     assert_same_metrics(got, reference_metrics(re_ranking(qf, gf).numpy(), q_pids, g_pids, q_cams, g_cams))
+
+
+def test_thread_settings_are_restored() -> None:
+    """Bookkeeping runs on one torch thread inside evaluate; the caller's setting comes back."""
+    qf, gf, q_pids, g_pids, q_cams, g_cams = random_split(2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, rerank=True, k1=6, k2=2)
+        assert torch.get_num_threads() == 2
+        with distance.torch_ops_on_one_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

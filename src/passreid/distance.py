@@ -83,8 +83,8 @@ def _augment(x: torch.Tensor, metric: Metric, side: Literal["query", "gallery"])
 _BLAS_CONTROLLER: list = []  # the threadpoolctl controller, made on first use (it scans the loaded libraries)
 
 
-def _blas_threads() -> contextlib.AbstractContextManager:
-    """A context that limits numpy's BLAS to ``torch.get_num_threads()`` threads while inside."""
+def _blas_threads(threads: int) -> contextlib.AbstractContextManager:
+    """A context that limits numpy's BLAS to ``threads`` threads while inside."""
     if not _BLAS_CONTROLLER:
         try:
             from threadpoolctl import ThreadpoolController
@@ -95,7 +95,28 @@ def _blas_threads() -> contextlib.AbstractContextManager:
     controller = _BLAS_CONTROLLER[0]
     if controller is None:
         return contextlib.nullcontext()
-    return controller.limit(limits=torch.get_num_threads(), user_api="blas")
+    return controller.limit(limits=threads, user_api="blas")
+
+
+@contextlib.contextmanager
+def torch_ops_on_one_thread(device: torch.device | None = None) -> Iterator[None]:
+    """Run torch's own CPU ops on one thread while inside (restored on exit).
+
+    The ranking and neighbour bookkeeping are many small or memory-bound ops: on 2 cores
+    that other processes share, torch's OpenMP threads spend more time waiting for each
+    other at every op than they gain (2x slower evaluation, 2.3x slower re-ranking,
+    measured), and their spinning takes cores from the BLAS threads. The products keep
+    the thread count the caller asked for (passed to them as ``threads``).
+    """
+    if device is not None and device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -129,10 +150,10 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.T
 
 
-def _guard(device: torch.device) -> contextlib.AbstractContextManager:
+def _guard(device: torch.device, threads: int) -> contextlib.AbstractContextManager:
     """The settings a product on ``device`` runs under: BLAS threads (CPU), IEEE float32 (CUDA)."""
     if device.type == "cpu":
-        return _blas_threads()
+        return _blas_threads(threads)
     if device.type == "cuda":
         return _ieee_fp32_on_cuda()
     return contextlib.nullcontext()
@@ -204,14 +225,15 @@ def distance_chunks(
     chunk_size: int,
     device: str | torch.device | None = None,
     precision: Precision = "fp32",
+    threads: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, block)`` for consecutive query chunks, ``block`` = distances of
     queries ``start .. start + C - 1`` to the whole gallery, ``(C, G)`` float32 on ``device``.
 
     The gallery is prepared once, so only one ``(C, G)`` block exists at a time (plus
-    whatever the caller keeps). CPU products use ``torch.get_num_threads()`` BLAS threads
-    (read when the generator starts); CUDA products are IEEE float32 unless
-    ``precision="bf16"``.
+    whatever the caller keeps). CPU products use ``threads`` BLAS threads (default
+    ``torch.get_num_threads()`` when called); CUDA products are IEEE float32 unless
+    ``precision="bf16"``. Arguments are checked when called, not at the first chunk.
     """
     check_metric(metric)
     _check_precision(precision)
@@ -219,17 +241,23 @@ def distance_chunks(
     g = as_float_tensor(gf, "gf")
     check_features(q, g)
     dev = torch.device(device) if device is not None else g.device
-    gallery = _Gallery(g.to(dev), metric, precision)
-    for start in range(0, q.shape[0], chunk_size):
-        # The guard is held only while computing, never across a yield: the caller's own
-        # work between chunks runs with its own settings.
-        with _guard(dev):
-            block = gallery.distances(q[start : start + chunk_size].to(dev))
-        yield start, block
+    threads = threads if threads is not None else torch.get_num_threads()
+
+    def chunks() -> Iterator[tuple[int, torch.Tensor]]:
+        with _guard(dev, threads):
+            gallery = _Gallery(g.to(dev), metric, precision)
+        for start in range(0, q.shape[0], chunk_size):
+            # The guard is held only while computing, never across a yield: the caller's
+            # own work between chunks runs with its own settings.
+            with _guard(dev, threads):
+                block = gallery.distances(q[start : start + chunk_size].to(dev))
+            yield start, block
+
+    return chunks()
 
 
 def self_distance_blocks(
-    features: ArrayLike, *, block: int, device: str | torch.device | None = None
+    features: ArrayLike, *, block: int, device: str | torch.device | None = None, threads: int | None = None
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """The blocks on and above the diagonal of the squared Euclidean distance matrix of a set.
 
@@ -243,18 +271,20 @@ def self_distance_blocks(
         features: ``(N, D)``.
         block: points per block.
         device: where the products run; default the features' device.
+        threads: BLAS threads of CPU products (default ``torch.get_num_threads()`` at the first block).
     """
     x = as_float_tensor(features, "features")
     dev = torch.device(device) if device is not None else x.device
     x = x.to(dev)
     n = x.shape[0]
-    with _guard(dev):
+    threads = threads if threads is not None else torch.get_num_threads()
+    with _guard(dev, threads):
         columns = _Gallery(x, "euclidean", "fp32").aug  # (N, D + 2), prepared once
     starts = range(0, n, block)
     pairs = [(s, s) for s in starts] + [(s, t) for s in starts for t in starts if t > s]
     row_start, rows = -1, columns
     for s, t in pairs:
-        with _guard(dev):
+        with _guard(dev, threads):
             if s != row_start:
                 row_start, rows = s, _augment(x[s : s + block], "euclidean", "query")
             dist = _matmul(rows, columns[t : t + block]).clamp_(min=0.0)

@@ -44,6 +44,7 @@ from passreid.distance import (
     compute_distance,
     distance_chunks,
     entries_at_most,
+    torch_ops_on_one_thread,
 )
 from passreid.errors import DatasetError
 
@@ -321,7 +322,7 @@ def evaluate_distmat(
         for start in range(0, num_query, step):
             yield start, dist_all[start : start + step].to(dev, torch.float32)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_ops_on_one_thread(dev):
         return _run_protocol(chunks(), qp, qc, gp, gc, max_rank=max_rank, device=dev)
 
 
@@ -389,16 +390,19 @@ def evaluate(
     step = _chunk_rows(num_gallery, chunk_size)
     logger.debug("evaluating %d queries x %d gallery in chunks of %d on %s%s", num_query, num_gallery, step, dev,
                  " with re-ranking" if rerank else "")
-    with torch.inference_mode():
+    threads = torch.get_num_threads()  # for the products; the bookkeeping runs on one
+    with torch.inference_mode(), torch_ops_on_one_thread(dev):
         if rerank:
             if metric != "euclidean" or precision != "fp32":
                 raise ValueError("re-ranking is defined on the float32 squared Euclidean distance: "
                                  "use metric='euclidean', precision='fp32'")
             from passreid.kreciprocal import re_ranked_chunks
 
-            chunks = re_ranked_chunks(q, g, k1=k1, k2=k2, lambda_value=lambda_value, chunk_size=step, device=dev)
+            chunks = re_ranked_chunks(q, g, k1=k1, k2=k2, lambda_value=lambda_value, chunk_size=step, device=dev,
+                                      threads=threads)
             return _run_protocol(chunks, qp, qc, gp, gc, max_rank=max_rank, device=dev)
-        chunks = distance_chunks(q, g, metric=metric, chunk_size=step, device=dev, precision=precision)
+        chunks = distance_chunks(q, g, metric=metric, chunk_size=step, device=dev, precision=precision,
+                                 threads=threads)
         return _run_protocol(chunks, qp, qc, gp, gc, max_rank=max_rank, device=dev,
                              check_nan=not _features_are_safe(q, g))
 

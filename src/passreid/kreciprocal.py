@@ -39,7 +39,13 @@ import scipy.sparse as sp
 import torch
 
 from passreid.errors import ConfigError
-from passreid.distance import block_max, distance_chunks, entries_at_most, self_distance_blocks
+from passreid.distance import (
+    block_max,
+    distance_chunks,
+    entries_at_most,
+    self_distance_blocks,
+    torch_ops_on_one_thread,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +90,7 @@ def _knn_faiss(features: torch.Tensor, k: int) -> np.ndarray:
 
 
 def _knn_torch(
-    features: torch.Tensor, k: int, device: torch.device | None, *, block: int = KNN_BLOCK
+    features: torch.Tensor, k: int, device: torch.device | None, *, block: int | None = None, threads: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours and farthest distance of every point, by exact blocked search.
 
@@ -99,7 +105,10 @@ def _knn_torch(
         features: ``(N, D)`` float32.
         k: neighbours per point (self included), ``<= N``.
         device: where the distances and the search run (e.g. ``"cuda"``).
-        block: points per block (``block x block`` float32 distances at a time).
+        block: points per block (``block x block`` float32 distances at a time; default
+            :data:`KNN_BLOCK`).
+        threads: BLAS threads of the products (default ``torch.get_num_threads()``); the
+            bookkeeping runs on one (:func:`passreid.distance.torch_ops_on_one_thread`).
 
     Returns:
         ``(N, k)`` int64 indices, by ascending distance and, among equal distances, by
@@ -107,7 +116,14 @@ def _knn_torch(
         squared distance of each row (numpy, CPU).
     """
     dev = device if device is not None else torch.device("cpu")
-    feats = features.to(dev)
+    threads = threads if threads is not None else torch.get_num_threads()
+    with torch_ops_on_one_thread(dev):
+        return _knn_blocks(features.to(dev), k, block if block is not None else KNN_BLOCK, threads)
+
+
+def _knn_blocks(feats: torch.Tensor, k: int, block: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_knn_torch` on ``feats``' device."""
+    dev = feats.device
     n = feats.shape[0]
     index_bits = max(1, n.bit_length())  # index n is the sentinel "no neighbour yet"
     # best[i]: keys (distance bits, index) of point i's k nearest so far, ascending;
@@ -115,7 +131,7 @@ def _knn_torch(
     sentinel = _neighbour_keys(torch.tensor(math.inf), torch.tensor(n), index_bits)
     best = torch.full((n, k), int(sentinel), dtype=torch.int64, device=dev)
     row_max = torch.zeros(n, dtype=torch.float32, device=dev)
-    for s, t, dist in self_distance_blocks(feats, block=block, device=dev):
+    for s, t, dist in self_distance_blocks(feats, block=block, device=dev, threads=threads):
         e, f = s + dist.shape[0], t + dist.shape[1]
         torch.maximum(row_max[s:e], block_max(dist, 1), out=row_max[s:e])
         if s == t:  # diagonal blocks come first: every entry up to the row's k-th smallest
@@ -424,11 +440,11 @@ def jaccard_distance(
     n_full = min(k1, num)
     n_half = min(round(k1 / 2) + 1, k1, num)
     k = min(max(n_full, n_half, k2), num)
+    workers = max(1, torch.get_num_threads())
     with torch.inference_mode():
-        nn = _knn_faiss(feats, k) if backend == "faiss" else _knn_torch(feats, k, dev)[0]
+        nn = _knn_faiss(feats, k) if backend == "faiss" else _knn_torch(feats, k, dev, threads=workers)[0]
     feats_np = feats.numpy()
     v = _encode(feats_np, nn, n_full=n_full, n_half=n_half, k2=min(k2, num), scale=None)
-    workers = max(1, torch.get_num_threads())
     sums = _MinSums(v, range(num), workers)
     col_bits = max(1, int(num - 1).bit_length())
     # d = 1 - m / (2 - m) <= t  <=>  m >= 2 (1 - t) / (2 - t): skip smaller m before computing d,
@@ -485,10 +501,18 @@ class _ReRanker:
         q: ``(Q, D)``, g: ``(G, D)`` float32 CPU features.
         k1, k2, lambda_value: the method's parameters.
         device: where the all-pairs distance pass runs.
+        threads: BLAS threads of the products and threads of the Jaccard blocks.
     """
 
     def __init__(
-        self, q: torch.Tensor, g: torch.Tensor, k1: int, k2: int, lambda_value: float, device: torch.device | None
+        self,
+        q: torch.Tensor,
+        g: torch.Tensor,
+        k1: int,
+        k2: int,
+        lambda_value: float,
+        device: torch.device | None,
+        threads: int,
     ) -> None:
         if q.shape[1] != g.shape[1]:
             raise ValueError(f"qf and gf differ in feature size: {q.shape[1]} vs {g.shape[1]}")
@@ -497,6 +521,7 @@ class _ReRanker:
         self.q, self.g = q, g
         self.lambda_value = lambda_value
         self.device = device
+        self.threads = threads
         num_q = q.shape[0]
         feats = torch.cat([q, g])
         num = feats.shape[0]
@@ -504,20 +529,20 @@ class _ReRanker:
         n_half = min(round(k1 / 2) + 1, num)
         k = min(max(n_full, n_half, k2), num)
         with torch.inference_mode():
-            nn, row_max = _knn_torch(feats, k, device)
+            nn, row_max = _knn_torch(feats, k, device, threads=threads)
         self.scale = 1.0 / np.maximum(row_max, np.finfo(np.float32).tiny)
         v = _encode(feats.numpy(), nn, n_full=n_full, n_half=n_half, k2=min(k2, num), scale=self.scale)
         del feats, nn
-        self.workers = max(1, torch.get_num_threads())
-        self.sums = _MinSums(v, range(num_q, num), self.workers)
+        self.sums = _MinSums(v, range(num_q, num), threads)
         logger.debug("re-ranking %d queries x %d gallery: encoding with %d entries (%.1f per point)",
                      num_q, g.shape[0], v.nnz, v.nnz / max(num, 1))
 
     def chunks(self, chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, (C, G) float32 CPU)`` re-ranked distances of consecutive query blocks."""
         lam = self.lambda_value
-        with ThreadPoolExecutor(self.workers) as pool:
-            for start, dist in distance_chunks(self.q, self.g, chunk_size=chunk_size, device=self.device):
+        chunks = distance_chunks(self.q, self.g, chunk_size=chunk_size, device=self.device, threads=self.threads)
+        with ThreadPoolExecutor(self.threads) as pool:
+            for start, dist in chunks:
                 block = dist.cpu().numpy()
                 stop = start + block.shape[0]
                 block *= (lam * self.scale[start:stop])[:, None]
@@ -539,6 +564,7 @@ def re_ranked_chunks(
     *,
     chunk_size: int,
     device: str | torch.device | None = None,
+    threads: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """:func:`re_ranking` one block of query rows at a time, for evaluation at any size.
 
@@ -552,13 +578,16 @@ def re_ranked_chunks(
         k1, k2, lambda_value: see :func:`re_ranking`.
         chunk_size: queries per block.
         device: where the distance passes run (e.g. ``"cuda"``); the encoding is on the CPU.
+        threads: CPU threads of the products and the Jaccard blocks (default
+            ``torch.get_num_threads()`` when called).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     q = _as_features(qf, "qf")
     g = _as_features(gf, "gf")
     dev = torch.device(device) if device is not None else None
-    yield from _ReRanker(q, g, k1, k2, lambda_value, dev).chunks(chunk_size)
+    threads = max(1, threads if threads is not None else torch.get_num_threads())
+    return _ReRanker(q, g, k1, k2, lambda_value, dev, threads).chunks(chunk_size)
 
 
 def re_ranking(
