@@ -268,9 +268,9 @@ def main() -> int:
     parser.add_argument("--ids", type=int, default=3060)
     parser.add_argument("--cams", type=int, default=15)
     parser.add_argument("--baseline-queries", type=int, default=1000, help="query subset the baseline runs on")
-    parser.add_argument("--dense-queries", type=int, default=1000,
+    parser.add_argument("--dense-queries", type=int, default=2000,
                         help="queries of the largest re-ranking both methods run (the dense one needs ~24 B per (Q+G)^2)")
-    parser.add_argument("--dense-gallery", type=int, default=7000, help="gallery of that re-ranking")
+    parser.add_argument("--dense-gallery", type=int, default=14000, help="gallery of that re-ranking")
     parser.add_argument("--no-rerank", action="store_true", help="evaluation only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch (and BLAS) CPU threads")
