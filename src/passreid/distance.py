@@ -70,14 +70,22 @@ def _augment(x: torch.Tensor, metric: Metric, side: Literal["query", "gallery"])
     Returns:
         ``(N, D + 2)`` (euclidean) or ``(N, D + 1)`` (cosine).
     """
-    ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    n, dim = x.shape
+    # filled in place: no concatenated copies of a gallery-sized array
+    out = torch.empty(n, dim + (1 if metric == "cosine" else 2), dtype=x.dtype, device=x.device)
     if metric == "cosine":
         x = F.normalize(x, dim=1)
-        return torch.cat([-x if side == "query" else x, ones], dim=1)
-    sq = torch.einsum("nd,nd->n", x, x).unsqueeze(1)
+        torch.neg(x, out=out[:, :dim]) if side == "query" else out[:, :dim].copy_(x)
+        out[:, dim] = 1.0
+        return out
+    sq = torch.einsum("nd,nd->n", x, x)
     if side == "query":
-        return torch.cat([-2.0 * x, sq, ones], dim=1)
-    return torch.cat([x, ones, sq], dim=1)
+        torch.mul(x, -2.0, out=out[:, :dim])
+        out[:, dim], out[:, dim + 1] = sq, 1.0
+    else:
+        out[:, :dim] = x
+        out[:, dim], out[:, dim + 1] = 1.0, sq
+    return out
 
 
 _BLAS_CONTROLLER: list = []  # the threadpoolctl controller, made on first use (it scans the loaded libraries)
