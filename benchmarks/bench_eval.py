@@ -15,6 +15,16 @@ identities, 15 cameras) with random 768-d L2-normalised features.
   over half an hour for all MSMT17 queries); the baseline here uses numpy's vectorised
   cumulative sum instead, a stronger baseline.
 
+Re-ranking (unless ``--no-rerank``), in the same run:
+
+* passreid: ``evaluate(..., rerank=True)`` at the full size - the sparse k-reciprocal
+  encoding of all Q + G points, then re-ranked query blocks ranked as they come.
+* baseline: the published re-ranking (``dense_re_ranking``: (Q+G) x (Q+G) distance,
+  argsort and V arrays, Python loops) followed by the published ranking, on the first
+  ``--dense-queries`` x ``--dense-gallery`` (about 24 bytes per (Q+G)^2 pair: ~5 GB at
+  the default 2,000 x 14,000); passreid runs that same subset too, for the ratio and
+  the metric check. The dense method is not scaled: its cost grows with (Q+G)^2.
+
 Each measurement runs in a fresh process. Peak memory is the growth of that process's
 resident set (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, minus
 ``VmRSS`` before the call) once the features are loaded, so it counts numpy, torch and
@@ -26,7 +36,7 @@ for passreid's ranking ops: on a machine shared with other busy processes, two O
 threads wait on each other at every op, and ``--threads 1`` shows the algorithms'
 cost without that penalty (the published loop is single-threaded numpy).
 
-Prints one JSON line. Example::
+Prints one JSON line (``rerank`` holds the re-ranking figures). Example::
 
     python benchmarks/bench_eval.py --check
     python benchmarks/bench_eval.py --quick --check
