@@ -124,7 +124,7 @@ class _Protocol:
         self.max_rank = max_rank
         self.index_bits = _index_bits(g_pids.numel())
         # Rows of one key block: the row number must fit above the order and index bits.
-        self.key_rows = 2 ** max(0, 63 - _ORDER_BITS - self.index_bits) - 1
+        self.key_rows = max(1, 2 ** max(0, 63 - _ORDER_BITS - self.index_bits) - 1)
         # Gallery indices grouped by identity: a query's same-identity items are one slice.
         self.by_pid = torch.argsort(g_pids, stable=True)
         self.sorted_pids = g_pids[self.by_pid]
