@@ -1,4 +1,5 @@
-"""passreid.evaluation: hand-computed protocol cases, a per-query numpy reference, distances."""
+"""passreid.evaluation and passreid.distance: hand-computed protocol cases, the protocol's
+reference (stable argsort of every row, the implementation evaluation replaced), distances."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from passreid import distance, evaluation
 from passreid.errors import DatasetError
 from passreid.evaluation import compute_distance, distance_chunks, evaluate, evaluate_distmat, format_metrics
 
@@ -101,7 +103,8 @@ def test_format_metrics() -> None:
 
 
 def reference_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """The protocol query by query: stable argsort, drop junk, ranks of the matches."""
+    """The protocol query by query: stable argsort of the whole row, drop junk, ranks of the
+    matches - what the published code and passreid's former implementation compute."""
     distmat = np.asarray(distmat, dtype=np.float32)
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
     q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
@@ -122,6 +125,7 @@ def reference_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
 
 
 def random_split(seed: int, num_q: int = 41, num_g: int = 230, dim: int = 16, ids: int = 25, cams: int = 3):
+    """Identities 0 .. ids - 1: identity 0 plays the distractors (and a query of it has matches)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((ids, dim))
     q_pids, g_pids = rng.integers(0, ids, num_q), rng.integers(0, ids, num_g)
@@ -212,6 +216,127 @@ def test_rerank_option_evaluates_the_re_ranked_distance() -> None:
     assert got["mAP"] != evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams)["mAP"]
 
 
+def test_junk_tied_with_the_last_match_and_items_after_it() -> None:
+    """Every distance equal: rank = gallery position among the non-junk items.
+
+    Gallery pids 7 9 9 7 9 7 with cameras 0 0 1 1 1 0; query pid 9, camera 1: g2 and g4 are
+    junk, g1 the only match -> rank 2 (g0, g1); items after it at the same distance
+    (g3, g5) do not count.
+    """
+    dist = np.full((1, 6), 0.5, dtype=np.float32)
+    m = evaluate_distmat(dist, [9], [7, 9, 9, 7, 9, 7], [1], [0, 0, 1, 1, 1, 0])
+    assert m["mAP"] == 0.5 and m["mINP"] == 0.5 and m["cmc"] == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def _hard_split(seed: int, num_q: int = 60, num_g: int = 300):
+    """Distractors (pid 0), queries without any match, queries whose matches are all junk,
+    and distances rounded to a few values (ties everywhere, negatives and -0.0 too)."""
+    rng = np.random.default_rng(seed)
+    q_pids = rng.integers(0, 30, num_q)
+    q_pids[:5] = 1000 + np.arange(5)  # identities absent from the gallery
+    g_pids = rng.integers(0, 30, num_g)
+    g_pids[rng.random(num_g) < 0.3] = 0  # distractors
+    q_cams, g_cams = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
+    q_pids[5], q_cams[5] = 29, 2
+    g_cams[g_pids == 29] = 2  # query 5's matches are all junk
+    dist = np.round(rng.standard_normal((num_q, num_g)) * 2).astype(np.float32) / 4
+    dist[dist == 0] = np.where(rng.random(int((dist == 0).sum())) < 0.5, -0.0, 0.0)
+    return dist, q_pids, g_pids, q_cams, g_cams
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("chunk_size", [1, 7, 60, None])
+def test_matches_reference_with_junk_distractors_ties_and_no_match(seed: int, chunk_size: int | None) -> None:
+    dist, q_pids, g_pids, q_cams, g_cams = _hard_split(seed)
+    want = reference_metrics(dist, q_pids, g_pids, q_cams, g_cams)
+    assert want["num_valid_queries"] < len(q_pids) - 5  # some skipped
+    got = evaluate_distmat(dist, q_pids, g_pids, q_cams, g_cams, chunk_size=chunk_size)
+    assert_same_metrics(got, want)
+    assert got["num_queries"] == len(q_pids)
+
+
+def test_key_blocks_inside_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk with more rows than the keys can number is ranked in sub-blocks (here 7 rows)."""
+    dist, q_pids, g_pids, q_cams, g_cams = _hard_split(3)
+    monkeypatch.setattr(evaluation, "_ORDER_BITS", 63 - 3 - evaluation._index_bits(dist.shape[1]))
+    got = evaluate_distmat(dist, q_pids, g_pids, q_cams, g_cams, chunk_size=25)
+    assert_same_metrics(got, reference_metrics(dist, q_pids, g_pids, q_cams, g_cams))
+
+
+def test_nan_anywhere_is_rejected() -> None:
+    """Also where no match could see it (far beyond every query's last match)."""
+    dist = DISTMAT.copy()
+    dist[0, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_distmat(dist, Q_PIDS, G_PIDS, Q_CAMS, G_CAMS)
+    qf, gf, q_pids, g_pids, q_cams, g_cams = random_split(0)
+    gf[3, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams)
+
+
+def test_bf16_product_ranks_close_to_fp32() -> None:
+    """bf16 (behind precision=) rounds the products: distances within a few 1e-3 of the
+    float32 ones here, and the metrics move by little."""
+    qf, gf, q_pids, g_pids, q_cams, g_cams = random_split(4, dim=64)
+    qf /= np.linalg.norm(qf, axis=1, keepdims=True)
+    gf /= np.linalg.norm(gf, axis=1, keepdims=True)
+    for metric in ("euclidean", "cosine"):
+        exact = compute_distance(qf, gf, metric=metric)
+        approx = compute_distance(qf, gf, metric=metric, precision="bf16")
+        assert approx.dtype == torch.float32 and 0 < (approx - exact).abs().max() < 2e-2
+        fp32 = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric)
+        bf16 = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric, precision="bf16", chunk_size=9)
+        assert bf16["num_valid_queries"] == fp32["num_valid_queries"]
+        assert abs(bf16["mAP"] - fp32["mAP"]) < 0.02
+    with pytest.raises(ValueError, match="precision"):
+        compute_distance(qf, gf, precision="fp16")  # type: ignore[arg-type]
+
+
+def test_cpu_products_use_torch_thread_count() -> None:
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with distance._blas_threads(torch.get_num_threads()):
+            numpy_blas = [info for info in threadpool_info() if "numpy" in info["filepath"] and info["user_api"] == "blas"]
+            assert numpy_blas and all(info["num_threads"] == 1 for info in numpy_blas)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tf32_is_off_for_the_product_and_restored() -> None:
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, name)
+    try:
+        setattr(matmul, name, "tf32" if name == "fp32_precision" else True)
+        with distance._ieee_fp32_on_cuda():
+            assert getattr(matmul, name) in ("ieee", False)
+        assert getattr(matmul, name) in ("tf32", True)
+    finally:
+        setattr(matmul, name, before)
+
+
+@pytest.mark.parametrize("block", [4, 7, 50])
+def test_self_distance_blocks_cover_each_pair_once(block: int) -> None:
+    """Diagonal blocks first, then the blocks above them: (i, j) is computed directly when
+    i and j share a block or i's block comes first, and otherwise as (j, i)."""
+    x = np.random.default_rng(0).standard_normal((23, 5)).astype(np.float32)
+    want = compute_distance(x, x).numpy()
+    seen = np.zeros((23, 23), dtype=int)
+    order = []
+    for s, t, dist in distance.self_distance_blocks(x, block=block):
+        order.append((s, t))
+        seen[s : s + dist.shape[0], t : t + dist.shape[1]] += 1
+        assert np.allclose(dist.numpy(), want[s : s + dist.shape[0], t : t + dist.shape[1]], atol=1e-5)
+    blocks = np.arange(23) // block
+    assert np.array_equal(seen, (blocks[:, None] <= blocks[None, :]).astype(int))
+    num_blocks = blocks[-1] + 1
+    assert all(s == t for s, t in order[:num_blocks]) and all(s < t for s, t in order[num_blocks:])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
@@ -219,3 +344,49 @@ def test_cuda_matches_cpu() -> None:
     cpu = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams)
     gpu = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, device="cuda", chunk_size=8)
     assert_same_metrics(gpu, cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_ranks_close_to_fp32_and_ties_exact() -> None:
+    qf, gf, q_pids, g_pids, q_cams, g_cams = random_split(6, dim=64)
+    fp32 = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, device="cuda")
+    bf16 = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, device="cuda", precision="bf16")
+    assert abs(bf16["mAP"] - fp32["mAP"]) < 0.02
+    dist, q_pids, g_pids, q_cams, g_cams = _hard_split(1)
+    got = evaluate_distmat(torch.from_numpy(dist).cuda(), q_pids, g_pids, q_cams, g_cams, chunk_size=7)
+    assert_same_metrics(got, reference_metrics(dist, q_pids, g_pids, q_cams, g_cams))
+
+
+def test_eval_command_reranks_feature_files(tmp_path) -> None:
+    """`passreid eval --rerank` on feature files: the metrics of re_ranking's matrix."""
+    import json
+
+    from passreid.cli import main as cli_main
+    from passreid.features import FeatureSet
+    from passreid.kreciprocal import re_ranking
+
+    qf, gf, q_pids, g_pids, q_cams, g_cams = random_split(8, num_q=15, num_g=80)
+    for name, f, p, c in (("q", qf, q_pids, q_cams), ("g", gf, g_pids, g_cams)):
+        FeatureSet(f, p, c, np.array([f"{name}{i}.jpg" for i in range(len(f))])).save(tmp_path / f"{name}.npz")
+    out = tmp_path / "metrics.json"
+    code = cli_main(["eval", "--query-features", str(tmp_path / "q.npz"), "--gallery-features", str(tmp_path / "g.npz"),
+                     "--rerank", "--device", "cpu", "--json", str(out)])
+    assert code == 0
+    got = json.loads(out.read_text())
+    assert_same_metrics(got, reference_metrics(re_ranking(qf, gf).numpy(), q_pids, g_pids, q_cams, g_cams))
+
+
+def test_thread_settings_are_restored() -> None:
+    """Bookkeeping runs on one torch thread inside evaluate; the caller's setting comes back."""
+    qf, gf, q_pids, g_pids, q_cams, g_cams = random_split(2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, rerank=True, k1=6, k2=2)
+        assert torch.get_num_threads() == 2
+        with distance.torch_ops_on_one_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

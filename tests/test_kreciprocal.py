@@ -11,7 +11,8 @@ import torch
 
 from passreid import kreciprocal
 from passreid.errors import ConfigError
-from passreid.kreciprocal import jaccard_distance, re_ranking
+from passreid.evaluation import compute_distance, evaluate
+from passreid.kreciprocal import jaccard_distance, re_ranked_chunks, re_ranking
 
 # ----------------------------------------------------------------------------- dense references
 
@@ -171,8 +172,13 @@ def test_jaccard_cuda_search_matches_cpu() -> None:
 # ----------------------------------------------------------------------------- re_ranking
 
 
-@pytest.mark.parametrize(("k1", "k2", "lam", "seed"), [(20, 6, 0.3, 0), (6, 2, 0.5, 1), (5, 1, 0.0, 2)])
-def test_re_ranking_matches_dense_reference(k1: int, k2: int, lam: float, seed: int) -> None:
+@pytest.mark.parametrize(("k1", "k2", "lam", "seed", "block"),
+                         [(20, 6, 0.3, 0, 2048), (20, 6, 0.3, 0, 13), (6, 2, 0.5, 1, 8), (5, 1, 0.0, 2, 60)])
+def test_re_ranking_matches_dense_reference(
+    monkeypatch: pytest.MonkeyPatch, k1: int, k2: int, lam: float, seed: int, block: int
+) -> None:
+    """Also with the neighbour search split into blocks (off-diagonal merges)."""
+    monkeypatch.setattr(kreciprocal, "KNN_BLOCK", block)
     feats = _features(seed, n=60, dim=6)
     qf, gf = feats[:14], feats[14:]
     want = reference_re_ranking(qf, gf, k1, k2, lam)
@@ -181,3 +187,52 @@ def test_re_ranking_matches_dense_reference(k1: int, k2: int, lam: float, seed: 
     assert np.abs(got.numpy() - want).max() < 1e-5
     # re-ranking really changes the order (vs the plain distance)
     assert not np.array_equal(np.argsort(want, axis=1), np.argsort(_sq_dist(qf, gf), axis=1))
+
+
+@pytest.mark.parametrize("block", [5, 16, 40, 2048])
+def test_blocked_neighbour_search_equals_stable_argsort(block: int) -> None:
+    """Neighbours by (distance, index) like a stable sort of each row, exact duplicates
+    (ties at every distance) included; farthest distance of each row."""
+    x = _features(7, n=97, dim=4)
+    x[40] = x[3]
+    x[90] = x[3]
+    x[41] = x[12]
+    d = compute_distance(x, x).numpy()
+    nn, row_max = kreciprocal._knn_torch(torch.from_numpy(x), 11, None, block=block)
+    assert np.array_equal(nn, np.argsort(d, axis=1, kind="stable")[:, :11])
+    # a pair's value is that of the block holding it, d(i, j) or d(j, i): equal to rounding
+    assert np.allclose(row_max, d.max(axis=1), rtol=1e-6, atol=0)
+
+
+def test_re_ranked_chunks_are_the_rows_of_re_ranking() -> None:
+    feats = _features(3, n=50, dim=6)
+    qf, gf = feats[:11], feats[11:]
+    whole = re_ranking(qf, gf, k1=7, k2=3, lambda_value=0.3)
+    chunks = list(re_ranked_chunks(qf, gf, 7, 3, 0.3, chunk_size=4))
+    assert [start for start, _ in chunks] == [0, 4, 8]
+    assert torch.equal(torch.cat([block for _, block in chunks]), whole)
+
+
+def test_streamed_rerank_metrics_equal_the_dense_references() -> None:
+    """evaluate(rerank=True) never builds the Q x G matrix; its metrics are those of the
+    float64 dense re-ranking ranked by the protocol (stable argsort of every row)."""
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((12, 8))
+    q_pids, g_pids = rng.integers(0, 12, 20), rng.integers(0, 12, 70)
+    qf = (centres[q_pids] + 1.2 * rng.standard_normal((20, 8))).astype(np.float32)
+    gf = (centres[g_pids] + 1.2 * rng.standard_normal((70, 8))).astype(np.float32)
+    q_cams, g_cams = rng.integers(0, 3, 20), rng.integers(0, 3, 70)
+    dense = reference_re_ranking(qf, gf, 20, 6, 0.3)
+    aps, first = [], []
+    for i in range(20):
+        order = np.argsort(dense[i], kind="stable")
+        keep = ~((g_pids[order] == q_pids[i]) & (g_cams[order] == q_cams[i]))
+        hits = (g_pids[order] == q_pids[i])[keep]
+        if hits.any():
+            ranks = np.flatnonzero(hits) + 1
+            aps.append(np.mean(np.arange(1, ranks.size + 1) / ranks))
+            first.append(ranks[0])
+    got = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, rerank=True, chunk_size=6)
+    assert got["num_valid_queries"] == len(aps)
+    assert abs(got["mAP"] - np.mean(aps)) < 1e-5
+    assert got["cmc"][0] == pytest.approx(np.mean(np.array(first) == 1), abs=1e-5)

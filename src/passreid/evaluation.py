@@ -6,13 +6,16 @@ queries that are left without a correct match, and averages AP, the CMC curve an
 the remaining ("valid") queries.
 
 The published code argsorts every gallery row (an ``int64`` index per query x gallery
-pair) and then loops over queries in Python. Here each chunk of queries needs no sort of
-the gallery: every distance gets a unique ``int64`` key (the float's order-preserving bit
-pattern in the high bits, the gallery index in the low bits), the keys of each query's
-correct matches are sorted, and one ``searchsorted`` of all gallery keys against them
-followed by a histogram gives, for the m-th correct match, the number of non-junk gallery
-items ranked at or before it - its 1-based rank. AP, INP and the CMC follow from those
-ranks alone.
+pair) and then loops over queries in Python. Here no gallery row is sorted: a metric needs
+only the rank of each correct match among the valid (non-junk) gallery items, and an item
+farther than a query's last correct match changes none of them. So each chunk of queries
+takes, per query, the distance of its farthest correct match as a threshold, keeps the
+valid items at or below it (one comparison per pair), gives each kept item and each
+correct match a unique ``int64`` key (row, the float's order-preserving bit pattern,
+gallery index), and one ``searchsorted`` of the kept items' keys among the sorted keys of
+the matches, then a histogram, gives every match's 1-based rank. AP, INP and the CMC
+follow from those ranks alone. The work beyond the comparison is proportional to the
+items ranked before the last match, not to the gallery.
 
 Tie rule: items at equal distance keep gallery order (the order of a stable sort, e.g.
 ``numpy.argsort(kind="stable")``). The published code uses numpy's default quicksort,
@@ -26,33 +29,36 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from passreid.distance import (
+    ArrayLike,
+    Metric,
+    Precision,
+    as_float_tensor,
+    check_features,
+    check_metric,
+    compute_distance,
+    distance_chunks,
+    entries_at_most,
+    torch_ops_on_one_thread,
+)
 from passreid.errors import DatasetError
+
+__all__ = ["compute_distance", "distance_chunks", "evaluate", "evaluate_distmat", "format_metrics"]
 
 logger = logging.getLogger(__name__)
 
-Metric = Literal["euclidean", "cosine"]
-ArrayLike = np.ndarray | torch.Tensor
-
 #: Working memory allowed per query chunk when ``chunk_size`` is not given.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
-# Bytes of working memory per (query, gallery) element of a chunk at its peak: the float32
-# distance, its int64 key and the int32 bucket, plus slack for temporaries (measured: ~19).
-_BYTES_PER_ELEMENT = 24
-_INT64_MAX = torch.iinfo(torch.int64).max
-
-
-def _as_float_tensor(x: ArrayLike, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating point array, got dtype {t.dtype}")
-    # Metrics never need gradients; detaching also lets CPU blocks go through numpy.
-    return t.detach().float()
+# Bytes of working memory per (query, gallery) element of a chunk: the float32 distance and
+# the bool candidate mask, plus the candidates' index, key and bucket when most items rank
+# before the last match (a hard query); typical queries keep a few percent of the items.
+_BYTES_PER_ELEMENT = 16
+# Key layout, high to low: chunk row, 32 order bits of the float32 distance, gallery index.
+_ORDER_BITS = 32
 
 
 def _as_long_vector(x: ArrayLike, name: str, length: int) -> torch.Tensor:
@@ -62,134 +68,46 @@ def _as_long_vector(x: ArrayLike, name: str, length: int) -> torch.Tensor:
     return t
 
 
-def _check_features(q: torch.Tensor, g: torch.Tensor) -> None:
-    if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
-        raise ValueError(f"expected (Q, D) and (G, D) features, got {tuple(q.shape)} and {tuple(g.shape)}")
-
-
-def _check_metric(metric: str) -> None:
-    if metric not in ("euclidean", "cosine"):
-        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-
-
-def _augment(x: torch.Tensor, metric: Metric, side: Literal["query", "gallery"]) -> torch.Tensor:
-    """Append columns so that one matrix product yields the distance.
-
-    Euclidean: ``[-2q, |q|^2, 1] . [g, 1, |g|^2] = |q|^2 + |g|^2 - 2 q.g``; cosine (after
-    L2-normalising): ``[-q, 1] . [g, 1] = 1 - q.g``. The norms are added inside the
-    product instead of in separate passes over the ``(C, G)`` block.
-
-    Args:
-        x: ``(N, D)`` float32 features.
-
-    Returns:
-        ``(N, D + 2)`` (euclidean) or ``(N, D + 1)`` (cosine).
-    """
-    ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-    if metric == "cosine":
-        x = F.normalize(x, dim=1)
-        return torch.cat([-x if side == "query" else x, ones], dim=1)
-    sq = torch.einsum("nd,nd->n", x, x).unsqueeze(1)
-    if side == "query":
-        return torch.cat([-2.0 * x, sq, ones], dim=1)
-    return torch.cat([x, ones, sq], dim=1)
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for ``a`` ``(C, K)`` and ``b`` ``(G, K)`` -> ``(C, G)``.
-
-    On CPU the product goes through numpy's BLAS (OpenBLAS): torch's MKL ``sgemm`` ran
-    this shape 1.5-2x slower on the AMD EPYC machines passreid is tested on, and the
-    product is most of the evaluation time. Elsewhere (CUDA) torch does it.
-    """
-    if a.device.type == "cpu":
-        return torch.from_numpy(np.matmul(a.numpy(), b.numpy().T))
-    return a @ b.T
-
-
-def compute_distance(qf: ArrayLike, gf: ArrayLike, metric: Metric = "euclidean") -> torch.Tensor:
-    """Dense query-gallery distance matrix.
-
-    Args:
-        qf: query features ``(Q, D)``.
-        gf: gallery features ``(G, D)``.
-        metric: ``"euclidean"`` - the true squared Euclidean distance
-            ``|q|^2 + |g|^2 - 2 q.g`` (for L2-normalised features ``2 - 2 q.g``, the
-            protocol's distance); ``"cosine"`` - ``1 - cos(q, g)`` (features are
-            normalised here, so unnormalised input is fine). Rounding can make either
-            slightly negative for (near-)identical vectors: the result is clamped at 0.
-
-    Returns:
-        ``(Q, G)`` float32 tensor on the features' device, exactly the values
-        :func:`evaluate` ranks. Materialises the whole matrix: use :func:`evaluate` for
-        large sets, which works chunk by chunk.
-    """
-    _check_metric(metric)
-    q = _as_float_tensor(qf, "qf")
-    g = _as_float_tensor(gf, "gf")
-    _check_features(q, g)
-    return _matmul(_augment(q, metric, "query"), _augment(g, metric, "gallery")).clamp_(min=0.0)
-
-
-def distance_chunks(
-    qf: ArrayLike,
-    gf: ArrayLike,
-    *,
-    metric: Metric = "euclidean",
-    chunk_size: int,
-    device: str | torch.device | None = None,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(start, block)`` for consecutive query chunks, ``block`` = distances of
-    queries ``start .. start + C - 1`` to the whole gallery, ``(C, G)`` float32 on ``device``.
-
-    The values are exactly those of :func:`compute_distance`; the gallery is prepared once,
-    so only one ``(C, G)`` block exists at a time (plus whatever the caller keeps).
-    """
-    _check_metric(metric)
-    q = _as_float_tensor(qf, "qf")
-    g = _as_float_tensor(gf, "gf")
-    _check_features(q, g)
-    dev = torch.device(device) if device is not None else g.device
-    g_aug = _augment(g.to(dev), metric, "gallery")
-    for start in range(0, q.shape[0], chunk_size):
-        q_aug = _augment(q[start : start + chunk_size].to(dev), metric, "query")
-        yield start, _matmul(q_aug, g_aug).clamp_(min=0.0)
-
-
 def _index_bits(num_gallery: int) -> int:
     """Bits that hold any gallery index."""
     return max(1, math.ceil(math.log2(max(num_gallery, 2))))
 
 
-def _sort_keys(dist: torch.Tensor, gallery_index: torch.Tensor, index_bits: int) -> torch.Tensor:
-    """Unique int64 keys whose order is the (distance, gallery index) order.
+def _check_finite_order(dist: torch.Tensor) -> None:
+    """Raise ``ValueError`` if a distance is NaN (one pass over the float bits).
 
     Args:
-        dist: ``(C, G)`` float32 distances (not modified).
-        gallery_index: ``(G,)`` int64 ``arange(G)``.
-        index_bits: bits reserved for the gallery index (``2**index_bits >= G``).
+        dist: ``(C, G)`` float32.
+    """
+    if dist.numel() == 0:
+        return
+    low, high = torch.aminmax(dist.view(torch.int32))
+    # A NaN's pattern is above +inf's, or has the sign bit set (negative as int32): look at
+    # the values only when one could be there.
+    if (int(high) > 0x7F800000 or int(low) < 0) and bool(torch.isnan(dist).any()):
+        raise ValueError("NaN distance (features with huge or non-finite values?)")
+
+
+def _keys(dist: torch.Tensor, index: torch.Tensor, row: torch.Tensor, index_bits: int) -> torch.Tensor:
+    """Unique int64 keys whose order is the (row, distance, gallery index) order.
+
+    Args:
+        dist: ``(S,)`` float32 distances (no NaN).
+        index: ``(S,)`` int64 gallery indices, ``< 2**index_bits``.
+        row: ``(S,)`` int64 rows within the chunk, ``< 2**(63 - 32 - index_bits)``.
+        index_bits: bits reserved for the gallery index.
 
     Returns:
-        ``(C, G)`` int64 ``order_bits(dist) * 2**index_bits + index``; ``-0.0`` and ``0.0``
-        get the same order bits.
-
-    Raises:
-        ValueError: if a distance is NaN.
+        ``(S,)`` int64 ``row * 2**(32 + b) + order(dist) * 2**b + index`` (``b`` =
+        ``index_bits``); ``-0.0`` and ``0.0`` get the same order.
     """
-    bits = dist.view(torch.int32)
-    low, high = torch.aminmax(bits)
-    if int(low) < 0 or int(high) > 0x7F800000:  # a sign bit (negative or -0.0), or NaN
-        if bool(torch.isnan(dist).any()):
-            raise ValueError("NaN distance (features with huge or non-finite values?)")
-        # IEEE floats order like sign-magnitude integers: flipping the 31 low bits of the
-        # negative ones makes the int32 order the float order; subtracting the sign then
-        # merges -0.0 with +0.0 (both become 0) and keeps every other negative below 0.
-        sign = bits >> 31
-        bits = (bits ^ (sign & 0x7FFFFFFF)) - sign
-    # Non-negative floats already order like their bit patterns.
-    key = bits.to(torch.int64)
-    key.bitwise_left_shift_(index_bits)
-    return key.add_(gallery_index)
+    bits = dist.contiguous().view(torch.int32)
+    # IEEE floats order like sign-magnitude integers: flipping the 31 low bits of the
+    # negative ones makes the int32 order the float order; subtracting the sign then
+    # merges -0.0 with +0.0 (both become 0) and keeps every other negative below 0.
+    sign = bits >> 31
+    order = ((bits ^ (sign & 0x7FFFFFFF)) - sign).to(torch.int64) + 2**31  # in [0, 2**32)
+    return ((row << _ORDER_BITS) + order).bitwise_left_shift_(index_bits).add_(index)
 
 
 class _Protocol:
@@ -205,7 +123,8 @@ class _Protocol:
         self.g_camids = g_camids
         self.max_rank = max_rank
         self.index_bits = _index_bits(g_pids.numel())
-        self.gallery_index = torch.arange(g_pids.numel(), device=g_pids.device)
+        # Rows of one key block: the row number must fit above the order and index bits.
+        self.key_rows = max(1, 2 ** max(0, 63 - _ORDER_BITS - self.index_bits) - 1)
         # Gallery indices grouped by identity: a query's same-identity items are one slice.
         self.by_pid = torch.argsort(g_pids, stable=True)
         self.sorted_pids = g_pids[self.by_pid]
@@ -232,49 +151,75 @@ class _Protocol:
         cols = self.by_pid[lo[rows] + within]
         return rows, cols, self.g_camids[cols] == q_camids[rows]
 
-    def add_chunk(self, dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor) -> None:
+    def add_chunk(
+        self, dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor, *, check_nan: bool = True
+    ) -> None:
         """Add the metrics of one query chunk.
 
         Args:
-            dist: ``(C, G)`` float32 distances of the chunk's queries.
+            dist: ``(C, G)`` float32 distances of the chunk's queries (not modified).
             q_pids, q_camids: ``(C,)`` int64 on ``dist``'s device.
+            check_nan: look for NaN distances (skipped when the features were checked).
         """
+        if check_nan:
+            _check_finite_order(dist)
+        for start in range(0, dist.shape[0], self.key_rows):
+            stop = start + self.key_rows
+            self._add_rows(dist[start:stop], q_pids[start:stop], q_camids[start:stop])
+
+    def _add_rows(self, dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor) -> None:
+        """:meth:`add_chunk` for at most ``key_rows`` rows."""
         num_rows = dist.shape[0]
         self.num_queries += num_rows
         device = dist.device
         rows, cols, junk = self._same_identity(q_pids, q_camids)
         pos_rows, pos_cols = rows[~junk], cols[~junk]
         num_pos = torch.bincount(pos_rows, minlength=num_rows)
-        max_pos = int(num_pos.max()) if num_rows else 0
-        if max_pos == 0:
+        if pos_rows.numel() == 0:
             return
-        key = _sort_keys(dist, self.gallery_index, self.index_bits)
-        # Sorted keys of each query's correct matches, padded with INT64_MAX (above every key).
-        slot = torch.arange(pos_rows.numel(), device=device) - (torch.cumsum(num_pos, 0) - num_pos)[pos_rows]
-        bounds = torch.full((num_rows, max_pos), _INT64_MAX, dtype=torch.int64, device=device)
-        bounds[pos_rows, slot] = key[pos_rows, pos_cols]
-        bounds = bounds.sort(dim=1).values
-        # bucket[i, j] = number of correct matches of query i ranked before item j, so the
-        # items with bucket <= m are exactly those ranked at or before the m-th match.
-        bucket = torch.searchsorted(bounds, key, out_int32=True)
-        del key
-        num_buckets = max_pos + 2
-        bucket[rows[junk], cols[junk]] = max_pos + 1  # junk goes to a bucket nobody counts
-        bucket += (torch.arange(num_rows, device=device, dtype=torch.int32) * num_buckets).unsqueeze(1)
-        hist = torch.bincount(bucket.view(-1), minlength=num_rows * num_buckets)
-        del bucket
-        # rank[i, m]: 1-based rank of query i's (m+1)-th correct match among non-junk items.
-        rank = hist.view(num_rows, num_buckets)[:, :max_pos].cumsum(1).to(torch.float64)
+        # The correct matches, sorted by key: row by row, each row's in rank order.
+        pos_dist = dist[pos_rows, pos_cols]
+        pos_key = _keys(pos_dist, pos_cols, pos_rows, self.index_bits).sort().values
+        end = torch.cumsum(num_pos, 0)  # matches of row i: pos_key[end[i] - num_pos[i] : end[i]]
+        # Candidates: valid items no farther than the row's last match (-inf: rows without one).
+        threshold = torch.full((num_rows,), -math.inf, device=device)
+        threshold.scatter_reduce_(0, pos_rows, pos_dist, reduce="amax")
+        cand_rows, cand_cols = entries_at_most(dist, threshold, dim=1)
+        slot = self._slots(dist, cand_rows, cand_cols, pos_key, end)
+        # junk items were counted among the candidates when within the threshold: uncount them
+        junk_slot = self._slots(dist, rows[junk], cols[junk], pos_key, end)
+        # rank of a match = valid items up to and including it, counted within its row
+        counts = torch.bincount(slot, minlength=pos_key.numel())
+        counts = counts.sub_(torch.bincount(junk_slot, minlength=pos_key.numel())).cumsum(0)
+        first_slot = end - num_pos
+        before_row = torch.where(first_slot > 0, counts[(first_slot - 1).clamp(min=0)], 0)  # earlier rows' items
+        key_rows = torch.repeat_interleave(torch.arange(num_rows, device=device), num_pos)
+        rank = (counts - before_row[key_rows]).to(torch.float64)
+        order = (torch.arange(pos_key.numel(), device=device) - first_slot[key_rows] + 1).to(torch.float64)
         valid = num_pos > 0
-        order = torch.arange(1, max_pos + 1, device=device, dtype=torch.float64).unsqueeze(0)
-        precision = torch.where(order <= num_pos.unsqueeze(1), order / rank, 0.0)
         num_pos_f = num_pos[valid].to(torch.float64)
-        last_rank = rank.gather(1, (num_pos - 1).clamp(min=0).unsqueeze(1)).squeeze(1)[valid]
-        self.ap_sum += float((precision.sum(1)[valid] / num_pos_f).sum())
-        self.inp_sum += float((num_pos_f / last_rank).sum())
+        ap = torch.zeros(num_rows, dtype=torch.float64, device=device).index_add_(0, key_rows, order / rank)
+        self.ap_sum += float((ap[valid] / num_pos_f).sum())
+        self.inp_sum += float((num_pos_f / rank[end[valid] - 1]).sum())
         self.num_valid += int(valid.sum())
-        first = rank[valid, 0].long().clamp(max=self.max_rank + 1) - 1
+        first = rank[first_slot[valid]].long().clamp(max=self.max_rank + 1) - 1
         self.first_match += torch.bincount(first, minlength=self.max_rank + 1).cpu()
+
+    def _slots(
+        self, dist: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, pos_key: torch.Tensor, end: torch.Tensor
+    ) -> torch.Tensor:
+        """For items ``(rows, cols)`` ranked at or before their row's last match: the index in
+        ``pos_key`` of the first match at or after each (the others are dropped).
+
+        Args:
+            dist: ``(C, G)`` float32; rows, cols: ``(S,)`` int64.
+            pos_key: ``(P,)`` sorted keys of the chunk's matches; end: ``(C,)`` the end of
+                each row's matches in ``pos_key``.
+        """
+        slot = torch.searchsorted(pos_key, _keys(dist[rows, cols], cols, rows, self.index_bits))
+        # an item tied with the row's last match but after it in gallery order gets the
+        # next row's first slot (or P): not ranked before any match of its row
+        return slot[slot < end[rows]]
 
     def result(self) -> dict[str, Any]:
         if self.num_valid == 0:
@@ -301,14 +246,16 @@ def _run_protocol(
     *,
     max_rank: int,
     device: torch.device,
+    check_nan: bool = True,
 ) -> dict[str, Any]:
-    """Feed ``(start row, (C, G) float32 distances on device)`` chunks through the metrics."""
+    """Feed ``(start row, (C, G) float32 distances)`` chunks through the metrics on ``device``."""
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
     protocol = _Protocol(g_pids.to(device), g_camids.to(device), min(max_rank, g_pids.numel()))
     for start, dist in chunks:
         stop = start + dist.shape[0]
-        protocol.add_chunk(dist, q_pids[start:stop].to(device), q_camids[start:stop].to(device))
+        protocol.add_chunk(dist.to(device), q_pids[start:stop].to(device), q_camids[start:stop].to(device),
+                           check_nan=check_nan)
     return protocol.result()
 
 
@@ -374,8 +321,20 @@ def evaluate_distmat(
         for start in range(0, num_query, step):
             yield start, dist_all[start : start + step].to(dev, torch.float32)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_ops_on_one_thread(dev):
         return _run_protocol(chunks(), qp, qc, gp, gc, max_rank=max_rank, device=dev)
+
+
+def _features_are_safe(q: torch.Tensor, g: torch.Tensor) -> bool:
+    """True if no distance of these features can be NaN or overflow (then chunks skip the check).
+
+    Args:
+        q: ``(Q, D)``, g: ``(G, D)`` float32.
+    """
+    if q.numel() == 0 or g.numel() == 0:
+        return True
+    bound = q.norm(dim=1).max() + g.norm(dim=1).max()  # every |q - g| and |q|, |g| below it
+    return bool(torch.isfinite(bound * bound * 4))
 
 
 def evaluate(
@@ -394,14 +353,16 @@ def evaluate(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
+    precision: Precision = "fp32",
 ) -> dict[str, Any]:
     """mAP / CMC / mINP of query features against gallery features (DESIGN §6).
 
     Distances (:func:`compute_distance`) are computed chunk by chunk, ``chunk_size``
-    queries against the whole gallery, so peak memory is the features plus one chunk,
-    never the full ``(Q, G)`` matrix. With ``rerank=True`` the k-reciprocal re-ranked
-    distance of Zhong et al. is used instead (:func:`passreid.kreciprocal.re_ranking`,
-    Euclidean only), which is a dense ``(Q, G)`` float32 matrix.
+    queries against the whole gallery, and each chunk is ranked as soon as it exists, so
+    peak memory is the features plus one chunk, never the full ``(Q, G)`` matrix. With
+    ``rerank=True`` the k-reciprocal re-ranked distance of Zhong et al. is ranked instead
+    (Euclidean only), streamed the same way (:func:`passreid.kreciprocal.re_ranked_chunks`):
+    its metrics are those of :func:`passreid.kreciprocal.re_ranking`'s dense matrix.
 
     Args:
         qf: query features ``(Q, D)`` (L2-normalised by the caller for the standard protocol).
@@ -412,31 +373,37 @@ def evaluate(
         chunk_size: queries per chunk (default: from a ~256 MiB working-memory budget).
         device: where distances and ranking run (e.g. ``"cuda"``); default the features' device.
         rerank, k1, k2, lambda_value: k-reciprocal re-ranking and its parameters.
+        precision: ``"fp32"`` (the protocol) or ``"bf16"`` (faster product on GPUs,
+            approximate ranks; not with ``rerank``).
 
     Returns:
         See :func:`evaluate_distmat`.
     """
-    _check_metric(metric)
-    q = _as_float_tensor(qf, "qf")
-    g = _as_float_tensor(gf, "gf")
-    _check_features(q, g)
+    check_metric(metric)
+    q = as_float_tensor(qf, "qf")
+    g = as_float_tensor(gf, "gf")
+    check_features(q, g)
     dev = torch.device(device) if device is not None else g.device
-    if rerank:
-        if metric != "euclidean":
-            raise ValueError("re-ranking is defined on the squared Euclidean distance; use metric='euclidean'")
-        from passreid.kreciprocal import re_ranking
-
-        distmat = re_ranking(q, g, k1=k1, k2=k2, lambda_value=lambda_value, device=dev)
-        return evaluate_distmat(
-            distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank, chunk_size=chunk_size, device=dev
-        )
     num_query, num_gallery = q.shape[0], g.shape[0]
     qp, qc, gp, gc = _labels(q_pids, g_pids, q_camids, g_camids, num_query, num_gallery)
     step = _chunk_rows(num_gallery, chunk_size)
-    logger.debug("evaluating %d queries x %d gallery in chunks of %d on %s", num_query, num_gallery, step, dev)
-    with torch.inference_mode():
-        chunks = distance_chunks(q, g, metric=metric, chunk_size=step, device=dev)
-        return _run_protocol(chunks, qp, qc, gp, gc, max_rank=max_rank, device=dev)
+    logger.debug("evaluating %d queries x %d gallery in chunks of %d on %s%s", num_query, num_gallery, step, dev,
+                 " with re-ranking" if rerank else "")
+    threads = torch.get_num_threads()  # for the products; the bookkeeping runs on one
+    with torch.inference_mode(), torch_ops_on_one_thread(dev):
+        if rerank:
+            if metric != "euclidean" or precision != "fp32":
+                raise ValueError("re-ranking is defined on the float32 squared Euclidean distance: "
+                                 "use metric='euclidean', precision='fp32'")
+            from passreid.kreciprocal import re_ranked_chunks
+
+            chunks = re_ranked_chunks(q, g, k1=k1, k2=k2, lambda_value=lambda_value, chunk_size=step, device=dev,
+                                      threads=threads)
+            return _run_protocol(chunks, qp, qc, gp, gc, max_rank=max_rank, device=dev)
+        chunks = distance_chunks(q, g, metric=metric, chunk_size=step, device=dev, precision=precision,
+                                 threads=threads)
+        return _run_protocol(chunks, qp, qc, gp, gc, max_rank=max_rank, device=dev,
+                             check_nan=not _features_are_safe(q, g))
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -141,12 +141,12 @@ def extract_features(
 
 
 def evaluate_features(query: FeatureSet, gallery: FeatureSet, *, rerank: bool = False,
-                      device: torch.device | str | None = None) -> dict[str, Any]:
-    """DESIGN §6 metrics of a query and a gallery feature set."""
+                      device: torch.device | str | None = None, precision: str = "fp32") -> dict[str, Any]:
+    """DESIGN §6 metrics of a query and a gallery feature set (``precision``: of the distance product)."""
     from passreid.evaluation import evaluate
 
     return evaluate(query.features, gallery.features, query.pids, gallery.pids, query.camids, gallery.camids,
-                    rerank=rerank, device=device)
+                    rerank=rerank, device=device, precision=precision)  # type: ignore[arg-type]
 
 
 def evaluate_model(

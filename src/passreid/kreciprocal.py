@@ -29,7 +29,9 @@ with about ``|R*|`` entries a row, and m is accumulated from the columns the row
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -37,7 +39,13 @@ import scipy.sparse as sp
 import torch
 
 from passreid.errors import ConfigError
-from passreid.evaluation import distance_chunks
+from passreid.distance import (
+    block_max,
+    distance_chunks,
+    entries_at_most,
+    self_distance_blocks,
+    torch_ops_on_one_thread,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,8 @@ ArrayLike = np.ndarray | torch.Tensor
 CHUNK_BYTES = 256 * 2**20
 #: Working memory of the steps that gain from staying in the CPU cache.
 CACHE_BYTES = 8 * 2**20
+#: Points per block of the all-pairs neighbour search (a 16 MB float32 block at 2,048).
+KNN_BLOCK = 2048
 
 
 def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
@@ -80,34 +90,110 @@ def _knn_faiss(features: torch.Tensor, k: int) -> np.ndarray:
 
 
 def _knn_torch(
-    features: torch.Tensor, k: int, device: torch.device | None, *, keep_block: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """k nearest neighbours by chunked exact search with torch.
+    features: torch.Tensor, k: int, device: torch.device | None, *, block: int | None = None, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest neighbours and farthest distance of every point, by exact blocked search.
+
+    The distance matrix is symmetric, so only its blocks on and above the diagonal are
+    computed (half the products of a row-by-row search); each off-diagonal block updates
+    the neighbours of its rows and, read by columns, of its columns. Every point first
+    takes the ``k`` nearest of its own diagonal block (``topk``); after that a block
+    entry can only matter if it is no farther than the point's current k-th neighbour,
+    so each block costs one comparison per entry and a merge of the few that pass.
 
     Args:
         features: ``(N, D)`` float32.
-        k: neighbours per point (self included).
-        device: where the distances are computed (e.g. ``"cuda"``).
-        keep_block: if > 0, also return the distances of rows ``0 .. keep_block - 1`` to
-            columns ``keep_block .. N - 1`` (re-ranking's query x gallery block).
+        k: neighbours per point (self included), ``<= N``.
+        device: where the distances and the search run (e.g. ``"cuda"``).
+        block: points per block (``block x block`` float32 distances at a time; default
+            :data:`KNN_BLOCK`).
+        threads: BLAS threads of the products (default ``torch.get_num_threads()``); the
+            bookkeeping runs on one (:func:`passreid.distance.torch_ops_on_one_thread`).
 
     Returns:
-        ``(N, k)`` int64 indices (ascending distance), ``(N,)`` float32 largest squared
-        distance of each row, and the kept ``(keep_block, N - keep_block)`` float32 block
-        or None (numpy, CPU).
+        ``(N, k)`` int64 indices, by ascending distance and, among equal distances, by
+        index (as a stable sort of the row orders them), and ``(N,)`` float32 largest
+        squared distance of each row (numpy, CPU).
     """
-    n = features.shape[0]
-    rows = max(1, CHUNK_BYTES // (12 * n))
-    nn = np.empty((n, k), dtype=np.int64)
-    row_max = np.empty(n, dtype=np.float32)
-    block = np.empty((keep_block, n - keep_block), dtype=np.float32) if keep_block else None
-    for start, dist in distance_chunks(features, features, chunk_size=rows, device=device):
-        stop = start + dist.shape[0]
-        nn[start:stop] = torch.topk(dist, k, dim=1, largest=False, sorted=True).indices.cpu().numpy()
-        row_max[start:stop] = dist.max(dim=1).values.cpu().numpy()
-        if block is not None and start < keep_block:
-            block[start : min(stop, keep_block)] = dist[: keep_block - start, keep_block:].cpu().numpy()
-    return nn, row_max, block
+    dev = device if device is not None else torch.device("cpu")
+    threads = threads if threads is not None else torch.get_num_threads()
+    with torch_ops_on_one_thread(dev):
+        return _knn_blocks(features.to(dev), k, block if block is not None else KNN_BLOCK, threads)
+
+
+def _knn_blocks(feats: torch.Tensor, k: int, block: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_knn_torch` on ``feats``' device."""
+    dev = feats.device
+    n = feats.shape[0]
+    index_bits = max(1, n.bit_length())  # index n is the sentinel "no neighbour yet"
+    # best[i]: keys (distance bits, index) of point i's k nearest so far, ascending;
+    # "none yet" is the sentinel key (inf, n)
+    sentinel = _neighbour_keys(torch.tensor(math.inf), torch.tensor(n), index_bits)
+    best = torch.full((n, k), int(sentinel), dtype=torch.int64, device=dev)
+    row_max = torch.zeros(n, dtype=torch.float32, device=dev)
+    for s, t, dist in self_distance_blocks(feats, block=block, device=dev, threads=threads):
+        e, f = s + dist.shape[0], t + dist.shape[1]
+        torch.maximum(row_max[s:e], block_max(dist, 1), out=row_max[s:e])
+        if s == t:  # diagonal blocks come first: every entry up to the row's k-th smallest
+            kth = torch.topk(dist, min(k, f - t), dim=1, largest=False).values[:, -1]
+            _merge_neighbours(best, s, dist, t, index_bits, kth)
+            continue
+        torch.maximum(row_max[t:f], block_max(dist, 0), out=row_max[t:f])
+        _merge_neighbours(best, s, dist, t, index_bits)
+        _merge_neighbours(best, t, dist, s, index_bits, by_column=True)
+    nn = best & ((1 << index_bits) - 1)
+    return nn.cpu().numpy(), row_max.cpu().numpy()
+
+
+def _neighbour_keys(dist: torch.Tensor, index: torch.Tensor, index_bits: int) -> torch.Tensor:
+    """int64 keys ordered by (distance, index) for distances ``>= 0`` (or ``-0.0``, taken as 0)."""
+    bits = (dist.contiguous().view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
+    return (bits << index_bits) | index
+
+
+def _merge_neighbours(
+    best: torch.Tensor,
+    row_start: int,
+    dist: torch.Tensor,
+    col_start: int,
+    index_bits: int,
+    kth: torch.Tensor | None = None,
+    *,
+    by_column: bool = False,
+) -> None:
+    """Merge one block of distances into the neighbour lists of its rows.
+
+    Args:
+        best: ``(N, k)`` int64 neighbour keys, updated in place.
+        row_start, col_start: the points of the block's first row and column.
+        dist: ``(R, C)`` float32 block; with ``by_column`` its columns are the lists to
+            update (the block read transposed, without a transposed copy).
+        index_bits: bits of the index in a key.
+        kth: ``(R,)`` (``(C,)`` by column) only entries no farther than this are merged; default each row's
+            current k-th neighbour distance (nothing farther can enter; ties by index).
+    """
+    k = best.shape[1]
+    num = dist.shape[1] if by_column else dist.shape[0]
+    rows = best[row_start : row_start + num]
+    if kth is None:
+        kth = (rows[:, k - 1] >> index_bits).to(torch.int32).view(torch.float32)
+    if by_column:
+        c, r = entries_at_most(dist, kth, dim=0)
+        order = torch.argsort(r, stable=True)
+        r, c = r[order], c[order]
+        values = dist[c, r]
+    else:
+        r, c = entries_at_most(dist, kth, dim=1)
+        values = dist[r, c]
+    if r.numel() == 0:
+        return
+    cand = _neighbour_keys(values, c + col_start, index_bits)
+    touched, local, counts = torch.unique_consecutive(r, return_inverse=True, return_counts=True)
+    slot = torch.arange(r.numel(), device=r.device) - (torch.cumsum(counts, 0) - counts)[local]
+    merged = torch.full((touched.numel(), k + int(counts.max())), torch.iinfo(torch.int64).max, device=best.device)
+    merged[:, :k] = rows[touched]
+    merged[local, k + slot] = cand
+    rows[touched] = merged.sort(1).values[:, :k]
 
 
 def _resolve_search(search: Search, device: torch.device | None) -> str:
@@ -354,11 +440,11 @@ def jaccard_distance(
     n_full = min(k1, num)
     n_half = min(round(k1 / 2) + 1, k1, num)
     k = min(max(n_full, n_half, k2), num)
+    workers = max(1, torch.get_num_threads())
     with torch.inference_mode():
-        nn = _knn_faiss(feats, k) if backend == "faiss" else _knn_torch(feats, k, dev)[0]
+        nn = _knn_faiss(feats, k) if backend == "faiss" else _knn_torch(feats, k, dev, threads=workers)[0]
     feats_np = feats.numpy()
     v = _encode(feats_np, nn, n_full=n_full, n_half=n_half, k2=min(k2, num), scale=None)
-    workers = max(1, torch.get_num_threads())
     sums = _MinSums(v, range(num), workers)
     col_bits = max(1, int(num - 1).bit_length())
     # d = 1 - m / (2 - m) <= t  <=>  m >= 2 (1 - t) / (2 - t): skip smaller m before computing d,
@@ -404,6 +490,107 @@ def jaccard_distance(
     return out
 
 
+class _ReRanker:
+    """The k-reciprocal encoding of queries and gallery together, ready to re-rank query rows.
+
+    Holds what every block of re-ranked rows needs and nothing of size ``Q x G``: the
+    features, each point's ``1 / max_l d(i, l)``, the sparse encoding V and the inverted
+    index of its gallery rows.
+
+    Args:
+        q: ``(Q, D)``, g: ``(G, D)`` float32 CPU features.
+        k1, k2, lambda_value: the method's parameters.
+        device: where the all-pairs distance pass runs.
+        threads: BLAS threads of the products and threads of the Jaccard blocks.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        g: torch.Tensor,
+        k1: int,
+        k2: int,
+        lambda_value: float,
+        device: torch.device | None,
+        threads: int,
+    ) -> None:
+        if q.shape[1] != g.shape[1]:
+            raise ValueError(f"qf and gf differ in feature size: {q.shape[1]} vs {g.shape[1]}")
+        if k1 < 1 or k2 < 1:
+            raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
+        self.q, self.g = q, g
+        self.lambda_value = lambda_value
+        self.device = device
+        self.threads = threads
+        num_q = q.shape[0]
+        feats = torch.cat([q, g])
+        num = feats.shape[0]
+        n_full = min(k1 + 1, num)
+        n_half = min(round(k1 / 2) + 1, num)
+        k = min(max(n_full, n_half, k2), num)
+        with torch.inference_mode():
+            nn, row_max = _knn_torch(feats, k, device, threads=threads)
+        self.scale = 1.0 / np.maximum(row_max, np.finfo(np.float32).tiny)
+        v = _encode(feats.numpy(), nn, n_full=n_full, n_half=n_half, k2=min(k2, num), scale=self.scale)
+        del feats, nn
+        self.sums = _MinSums(v, range(num_q, num), threads)
+        logger.debug("re-ranking %d queries x %d gallery: encoding with %d entries (%.1f per point)",
+                     num_q, g.shape[0], v.nnz, v.nnz / max(num, 1))
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, (C, G) float32 CPU)`` re-ranked distances of consecutive query blocks."""
+        lam = self.lambda_value
+        chunks = distance_chunks(self.q, self.g, chunk_size=chunk_size, device=self.device, threads=self.threads)
+        with ThreadPoolExecutor(self.threads) as pool:
+            for start, dist in chunks:
+                block = dist.cpu().numpy()
+                stop = start + block.shape[0]
+                block *= (lam * self.scale[start:stop])[:, None]
+
+                def add_jaccard(bounds: tuple[int, int], block: np.ndarray = block, start: int = start) -> None:
+                    lo, hi = bounds
+                    block[lo - start : hi - start] += (1.0 - lam) * _jaccard_from_min_sum(self.sums.block(lo, hi))
+
+                list(pool.map(add_jaccard, self.sums.starts(range(start, stop))))
+                yield start, torch.from_numpy(block)
+
+
+def re_ranked_chunks(
+    qf: ArrayLike,
+    gf: ArrayLike,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    *,
+    chunk_size: int,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`re_ranking` one block of query rows at a time, for evaluation at any size.
+
+    Yields ``(start, block)``: the re-ranked distances of queries ``start .. start + C - 1``
+    to the whole gallery, ``(C, G)`` float32 on the CPU, the rows of :func:`re_ranking`'s
+    matrix. Memory beyond the features: the sparse encoding (42 entries a point on
+    bench_eval's data at k1 20, k2 6: under 1 KB a point with the inverted index), one
+    all-pairs distance block while the neighbours are found, then one query block.
+
+    Args:
+        qf: ``(Q, D)`` query features; gf: ``(G, D)`` gallery features.
+        k1, k2, lambda_value: see :func:`re_ranking`.
+        chunk_size: queries per block.
+        device: where the distance passes run (e.g. ``"cuda"``); the encoding is on the CPU.
+        threads: CPU threads of the products and the Jaccard blocks (default
+            ``torch.get_num_threads()`` when called).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    q = _as_features(qf, "qf")
+    g = _as_features(gf, "gf")
+    dev = torch.device(device) if device is not None else None
+    threads = max(1, threads if threads is not None else torch.get_num_threads())
+    return _ReRanker(q, g, k1, k2, lambda_value, dev, threads).chunks(chunk_size)
+
+
 def re_ranking(
     qf: ArrayLike,
     gf: ArrayLike,
@@ -424,34 +611,17 @@ def re_ranking(
     Args:
         qf: ``(Q, D)`` query features; gf: ``(G, D)`` gallery features.
         k1, k2, lambda_value: the method's parameters (published: 20, 6, 0.3).
-        device: where the all-pairs distance pass runs (e.g. ``"cuda"``).
+        device: where the distance passes run (e.g. ``"cuda"``).
 
     Returns:
         ``(Q, G)`` float32 re-ranked distances (CPU). Only this block is dense; the
-        encoding is sparse: Market-1501 (3,368 x 15,913) peaked at ~750 MB including the
-        205 MB result.
+        encoding is sparse. To evaluate, ``evaluation.evaluate(..., rerank=True)`` ranks
+        the same rows block by block (:func:`re_ranked_chunks`) without this matrix.
     """
     q = _as_features(qf, "qf")
     g = _as_features(gf, "gf")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"qf and gf differ in feature size: {q.shape[1]} vs {g.shape[1]}")
-    if k1 < 1 or k2 < 1:
-        raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
-    num_q = q.shape[0]
-    feats = torch.cat([q, g])
-    num = feats.shape[0]
-    dev = torch.device(device) if device is not None else None
-    n_full = min(k1 + 1, num)
-    n_half = min(round(k1 / 2) + 1, num)
-    k = min(max(n_full, n_half, k2), num)
-    with torch.inference_mode():
-        nn, row_max, original = _knn_torch(feats, k, dev, keep_block=num_q)
-    assert original is not None
-    scale = 1.0 / np.maximum(row_max, np.finfo(np.float32).tiny)
-    v = _encode(feats.numpy(), nn, n_full=n_full, n_half=n_half, k2=min(k2, num), scale=scale)
-    original *= scale[:num_q, None]
-    original *= lambda_value
-    sums = _MinSums(v, range(num_q, num))
-    for start, stop in sums.starts(range(num_q)):
-        original[start:stop] += (1.0 - lambda_value) * _jaccard_from_min_sum(sums.block(start, stop))
-    return torch.from_numpy(original)
+    out = torch.empty(q.shape[0], g.shape[0])
+    rows = max(1, CHUNK_BYTES // (4 * max(g.shape[0], 1)))
+    for start, block in re_ranked_chunks(q, g, k1, k2, lambda_value, chunk_size=rows, device=device):
+        out[start : start + block.shape[0]] = block
+    return out
