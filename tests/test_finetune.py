@@ -74,22 +74,28 @@ def metrics_of(run: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- schedule, optimizer, configs
 
 
-def test_schedule_is_the_published_warmup_then_cosine():
+def test_schedule_is_the_published_warmup_then_cosine_one_epoch_behind():
+    """Published: timm's scheduler stepped after each epoch, so 1-based epoch e trains at f(e - 1)."""
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD([{"params": [model.weight], "lr": 4e-4}, {"params": [model.bias], "lr": 8e-4}], lr=4e-4)
     sched = WarmupCosineLR(opt, base_lr=4e-4, epochs=120, warmup_epochs=20, warmup_factor=0.01, eta_min_factor=0.002)
     w, m = 4e-6, 8e-7  # absolute warm-up start and floor, shared by both groups
-    sched.set_epoch(1)
+    sched.set_epoch(1)  # the warm-up start itself, for both groups
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([w, w], rel=1e-12)
+    sched.set_epoch(2)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([w + (4e-4 - w) / 20, w + (8e-4 - w) / 20])
-    sched.set_epoch(20)  # first cosine epoch: cosine of the whole run at 20/120, not restarted after warm-up
+    sched.set_epoch(20)  # last warm-up epoch: t = 19
+    assert opt.param_groups[0]["lr"] == pytest.approx(w + 19 * (4e-4 - w) / 20)
+    sched.set_epoch(21)  # first cosine epoch: cosine of the whole run at t = 20 of 120, ~0.93 x base
     assert opt.param_groups[0]["lr"] == pytest.approx(m + 0.5 * (4e-4 - m) * (1 + math.cos(math.pi / 6)))
-    sched.set_epoch(120)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([m, m])
+    assert opt.param_groups[0]["lr"] / 4e-4 == pytest.approx(0.9334, abs=1e-4)
+    sched.set_epoch(120)  # t = 119: one step above the floor
+    assert opt.param_groups[0]["lr"] == pytest.approx(m + 0.5 * (4e-4 - m) * (1 + math.cos(math.pi * 119 / 120)))
     state = sched.state_dict()
     fresh = WarmupCosineLR(opt, base_lr=4e-4, epochs=120, warmup_epochs=20, warmup_factor=0.01, eta_min_factor=0.002)
     sched.set_epoch(3)
     fresh.load_state_dict(state)
-    assert opt.param_groups[0]["lr"] == pytest.approx(m)
+    assert opt.param_groups[0]["lr"] == pytest.approx(m + 0.5 * (4e-4 - m) * (1 + math.cos(math.pi * 119 / 120)))
 
 
 def test_optimizer_gives_biases_twice_the_rate_and_skips_frozen_neck_bias():

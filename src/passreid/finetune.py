@@ -215,11 +215,13 @@ class WarmupCosineLR:
     """The published per-epoch schedule: linear warm-up, then cosine over the whole run.
 
     It reproduces the timm ``CosineLRScheduler`` of the published recipe as that
-    recipe calls it (``step(epoch)`` with the 1-based epoch, cosine not shifted
-    by the warm-up): for epoch ``t`` of ``T`` and a group whose peak is ``b``,
+    recipe calls it: ``step(epoch)`` *after* 1-based epoch ``epoch``, so epoch
+    ``e`` trains at ``f(t)`` with ``t = e - 1`` (epoch 1 at the warm-up start),
+    and the cosine is not shifted by the warm-up. For a group whose peak is ``b``
+    and a run of ``T`` epochs:
 
-    - ``t < warmup``: ``lr = w + t * (b - w) / warmup`` with ``w = warmup_factor * base_lr``;
-    - otherwise: ``lr = m + (b - m) * (1 + cos(pi * t / T)) / 2`` with ``m = eta_min_factor * base_lr``.
+    - ``t < warmup``: ``f(t) = w + t * (b - w) / warmup`` with ``w = warmup_factor * base_lr``;
+    - otherwise: ``f(t) = m + (b - m) * (1 + cos(pi * t / T)) / 2`` with ``m = eta_min_factor * base_lr``.
 
     ``w`` and ``m`` are absolute (the same for the 2x-lr bias group), as published.
     Call :meth:`set_epoch` at the start of every epoch; it is stateless apart
@@ -237,10 +239,11 @@ class WarmupCosineLR:
         self.epoch = 0
 
     def lr_at(self, epoch: int, peak: float) -> float:
-        """Learning rate of a group with peak ``peak`` during 1-based ``epoch``."""
-        if epoch < self.warmup_epochs:
-            return self.warmup_lr + epoch * (peak - self.warmup_lr) / self.warmup_epochs
-        return self.min_lr + 0.5 * (peak - self.min_lr) * (1.0 + math.cos(math.pi * min(epoch / self.epochs, 1.0)))
+        """Learning rate of a group with peak ``peak`` during 1-based ``epoch``: ``f(epoch - 1)``."""
+        t = max(epoch - 1, 0)
+        if t < self.warmup_epochs:
+            return self.warmup_lr + t * (peak - self.warmup_lr) / self.warmup_epochs
+        return self.min_lr + 0.5 * (peak - self.min_lr) * (1.0 + math.cos(math.pi * min(t / self.epochs, 1.0)))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
