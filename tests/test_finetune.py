@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import math
 import os
 import re
@@ -96,6 +97,28 @@ def test_schedule_is_the_published_warmup_then_cosine_one_epoch_behind():
     sched.set_epoch(3)
     fresh.load_state_dict(state)
     assert opt.param_groups[0]["lr"] == pytest.approx(m + 0.5 * (4e-4 - m) * (1 + math.cos(math.pi * 119 / 120)))
+
+
+def test_train_loader_epoch_has_the_published_number_of_steps(synth, tmp_path):
+    """12 identities of 4 or 6 images, K 4: one group each (leftovers dropped), P 4 -> exactly 3 steps.
+
+    With ``optim.cover_all_images`` the 5 identities of 6 images bring a topped-up second
+    group: 17 groups, at least 5 steps.
+    """
+    from passreid.engine import DistInfo
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    dataset = build_dataset("synthetic", str(synth))
+    sizes = sorted(Counter(r.pid for r in dataset.train).values())
+    assert sizes == [4] * 7 + [6] * 5
+    for epoch in (1, 2, 3):
+        loader, sampler = finetune.build_train_loader(dataset.train, tiny_config(synth, tmp_path), info)
+        sampler.set_epoch(epoch)
+        assert len(loader) == 3
+        loader, sampler = finetune.build_train_loader(
+            dataset.train, tiny_config(synth, tmp_path, "optim.cover_all_images=true"), info)
+        sampler.set_epoch(epoch)
+        assert len(loader) >= 5
 
 
 def test_optimizer_gives_biases_twice_the_rate_and_skips_frozen_neck_bias():

@@ -87,6 +87,9 @@ class OptimConfig:
     ends at ``eta_min_factor * base_lr`` (see :class:`WarmupCosineLR`).
     ``name: adamw`` swaps SGD for AdamW (``momentum`` unused), as the published
     code allows; a randomly initialised ViT trains far faster with it.
+    ``cover_all_images: true`` keeps passreid's earlier P x K epoch (every image
+    at least once, 10-20% more steps) instead of the published one that drops
+    each identity's ``n mod K`` leftover images (see :class:`RandomIdentitySampler`).
     """
 
     name: str = "sgd"
@@ -100,6 +103,7 @@ class OptimConfig:
     eta_min_factor: float = 0.002
     batch_size: int = 64
     num_instances: int = 4
+    cover_all_images: bool = False
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, OPTIMIZERS)
@@ -282,7 +286,8 @@ def build_train_loader(
                                       color_jitter=cfg.data.color_jitter)
     dataset = ImageDataset(records, transform=transform, skip_corrupt=cfg.data.skip_corrupt)
     sampler = RandomIdentitySampler([r.pid for r in records], cfg.optim.batch_size, cfg.optim.num_instances,
-                                    seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)
+                                    seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
+                                    cover_all=cfg.optim.cover_all_images)
     loader = DataLoader(dataset, batch_size=sampler.batch_size_per_rank, sampler=sampler,
                         num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", drop_last=True,
                         generator=torch.Generator())
