@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from passreid.data.samplers import RandomIdentitySampler
+from passreid.data.samplers import CameraAwareIdentitySampler, RandomIdentitySampler
 from passreid.errors import DatasetError
 
 
@@ -182,3 +182,76 @@ def test_bad_settings_are_refused():
         RandomIdentitySampler(pids, batch_size=12, num_instances=4, world_size=2)
     with pytest.raises(DatasetError, match="identities"):
         RandomIdentitySampler([0, 0, 1, 1], batch_size=12, num_instances=2)
+
+
+# ----------------------------------------------------------------------------- camera-aware (cluster contrast)
+
+
+def test_camera_aware_blocks_take_positives_from_other_cameras_and_every_cluster_once_per_pass():
+    """Hand-made clusters, K 4:
+
+    - 0: anchor's camera differs from 5 others -> 3 distinct other-camera images (no replacement, pool >= K);
+    - 1: 1 image in camera 0, 2 in camera 1 -> other-camera pool of 1 or 2 (< K): drawn with replacement;
+    - 2: one camera, 5 images -> the 3 positives are other images of that camera, no replacement;
+    - 3: one camera, 2 images -> the other image, 3 times;
+    - 4: one image -> itself 4 times.
+    """
+    layout = {0: [0, 0, 1, 2, 3, 1, 2], 1: [0, 1, 1], 2: [4] * 5, 3: [5, 5], 4: [2]}
+    pids, cams = [], []
+    for pid, pid_cams in layout.items():
+        pids += [pid] * len(pid_cams)
+        cams += pid_cams
+    pids += [-1, -1]  # outliers
+    cams += [0, 1]
+    sampler = CameraAwareIdentitySampler(pids, cams, batch_size=4, num_instances=4, seed=0)
+    for epoch in range(30):
+        sampler.set_epoch(epoch)
+        batches = sampler.global_batches()
+        assert len(batches) == 5 and sorted(pids[b[0]] for b in batches) == [0, 1, 2, 3, 4]  # each once
+        for block in batches:
+            anchor, rest = int(block[0]), [int(i) for i in block[1:]]
+            pid = pids[anchor]
+            assert all(pids[i] == pid for i in rest)
+            if pid in (0, 1):
+                assert all(cams[i] != cams[anchor] for i in rest)  # cross-camera positives only
+            if pid == 0:
+                assert len(set(rest)) == 3
+            if pid in (2, 3):
+                assert anchor not in rest  # same camera: the other images
+            if pid == 2:
+                assert len(set(rest)) == 3
+            if pid == 4:
+                assert rest == [anchor] * 3
+
+
+def test_camera_aware_pass_is_uniform_over_clusters_not_sizes():
+    """A 40-image cluster and nine 4-image clusters, P 2: one pass is 10 blocks = 5 batches, each cluster once.
+
+    A size-weighted sampler would put the big cluster in most batches.
+    """
+    pids = [0] * 40 + [p for p in range(1, 10) for _ in range(4)]
+    cams = [i % 6 for i in range(len(pids))]
+    sampler = CameraAwareIdentitySampler(pids, cams, batch_size=8, num_instances=4, seed=3)
+    counts = Counter()
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        batches = sampler.global_batches()
+        assert len(batches) == 5
+        for batch in batches:
+            counts.update({pids[int(i)] for i in batch})
+    assert counts == Counter({p: 20 for p in range(10)})
+
+
+def test_camera_aware_pass_drops_an_incomplete_last_batch_and_splits_ranks_by_blocks():
+    pids = [p for p in range(7) for _ in range(3)]
+    cams = [i % 2 for i in range(len(pids))]
+    sampler = CameraAwareIdentitySampler(pids, cams, batch_size=8, num_instances=2, seed=0)  # P 4
+    sampler.set_epoch(1)
+    assert len(sampler.global_batches()) == 1  # 7 clusters: one batch of 4, the other 3 wait
+    ranks = []
+    for rank in range(2):
+        share = CameraAwareIdentitySampler(pids, cams, batch_size=8, num_instances=2, seed=0, rank=rank,
+                                           world_size=2)
+        share.set_epoch(1)
+        ranks.append(list(share))
+    assert ranks[0] + ranks[1] == sampler.global_batches()[0].tolist()

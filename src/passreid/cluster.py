@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("usl", "uda")
 MEMORY_MODES = ("hard", "mean", "instance")
+SAMPLERS = ("camera", "identity")
 
 
 # ----------------------------------------------------------------------------- config
@@ -119,7 +120,11 @@ class ClusterOptimConfig:
     (the published code's other option; it suits short CPU runs of a small
     model). ``batch_size`` is the total over all processes; each pseudo identity
     in a batch brings ``num_instances`` images. The learning rate is multiplied
-    by ``gamma`` every ``step_size`` epochs.
+    by ``gamma`` every ``step_size`` epochs. ``sampler: camera`` (published) visits
+    every pseudo identity once per pass with positives from other cameras
+    (:class:`~passreid.data.samplers.CameraAwareIdentitySampler`); ``identity`` is
+    passreid's earlier P x K sampler (clusters in proportion to their size,
+    cameras ignored).
     """
 
     name: str = "sgd"
@@ -131,9 +136,11 @@ class ClusterOptimConfig:
     batch_size: int = 256
     num_instances: int = 8
     iters: int = 200
+    sampler: str = "camera"
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, ("sgd", "adamw"))
+        check_choice("optim.sampler", self.sampler, SAMPLERS)
         check_positive("optim.lr", self.lr)
         check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         check_positive("optim.step_size", self.step_size)
@@ -518,9 +525,13 @@ def _broadcast_labels(labels: np.ndarray | None, info: DistInfo) -> np.ndarray:
 
 def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistInfo,
                      epoch: int) -> Generator[tuple[Tensor, Tensor], None, None]:
-    """Pseudo-identity batches (``num_instances`` images per cluster) of this rank, reshuffled on every pass."""
+    """Pseudo-identity batches (``num_instances`` images per cluster) of this rank, reshuffled on every pass.
+
+    A pass of the camera-aware sampler holds each pseudo identity once; passes
+    follow each other until the epoch's ``iters`` steps are done.
+    """
     from passreid.data.images import ImageDataset
-    from passreid.data.samplers import RandomIdentitySampler
+    from passreid.data.samplers import CameraAwareIdentitySampler, RandomIdentitySampler
     from passreid.data.transforms import build_train_transform
 
     if cfg.optim.batch_size % (cfg.optim.num_instances * info.world_size):
@@ -539,9 +550,12 @@ def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistI
     if per_batch < full:
         logger.warning("epoch %d: only %d clusters; batches of %d clusters x %d images this epoch instead of %d x %d",
                        epoch, num_clusters, per_batch, cfg.optim.num_instances, full, cfg.optim.num_instances)
-    sampler = RandomIdentitySampler([r.pid for r in records], batch_size=per_batch * cfg.optim.num_instances,
-                                    num_instances=cfg.optim.num_instances, seed=cfg.run.seed, rank=info.rank,
-                                    world_size=info.world_size)
+    shape: dict[str, Any] = dict(batch_size=per_batch * cfg.optim.num_instances,
+                                 num_instances=cfg.optim.num_instances, seed=cfg.run.seed, rank=info.rank,
+                                 world_size=info.world_size)
+    pids = [r.pid for r in records]
+    sampler = (CameraAwareIdentitySampler(pids, [r.camid for r in records], **shape) if cfg.optim.sampler == "camera"
+               else RandomIdentitySampler(pids, cover_all=True, **shape))
     loader = DataLoader(dataset, batch_size=sampler.batch_size_per_rank, sampler=sampler,
                         num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", drop_last=True)
     # A pass over the sampler rarely covers exactly `iters` batches: keep drawing

@@ -174,3 +174,58 @@ class RandomIdentitySampler(Sampler[int]):
     def __len__(self) -> int:
         """Indices this rank yields in the current epoch (after ``start_batch``)."""
         return max(0, len(self.global_batches()) - self.start_batch) * self.batch_size_per_rank
+
+
+class CameraAwareIdentitySampler(RandomIdentitySampler):
+    """Cluster-contrast batches (published ``RandomMultipleGallerySampler``), P pseudo identities x K images.
+
+    One pass visits every pseudo identity once, in random order (uniformly,
+    whatever its size). For each: one random anchor image, then K-1 images of
+    the same pseudo identity taken from cameras *other* than the anchor's;
+    only when the pseudo identity was seen by a single camera do the K-1 come
+    from its other images (its one image K times if it has no other). As
+    published, the K-1 are drawn without replacement only when the pool holds
+    at least K images, with replacement otherwise. The blocks of a pass are cut
+    into batches of P and an incomplete last batch is dropped; the cluster
+    loop draws as many passes as its iterations need.
+
+    Cross-camera positives are what a cluster-contrast model must learn to
+    match; drawing clusters in proportion to their size (or ignoring cameras)
+    lets big, single-camera clusters dominate an epoch.
+
+    Args:
+        pids: pseudo identity of each dataset index; ``-1`` (outliers) is never sampled.
+        camids: camera of each dataset index.
+        batch_size, num_instances, seed, rank, world_size: as :class:`RandomIdentitySampler`.
+    """
+
+    def __init__(self, pids: Sequence[int], camids: Sequence[int], batch_size: int, num_instances: int, *,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(pids, batch_size, num_instances, seed=seed, rank=rank, world_size=world_size)
+        if len(camids) != len(pids):
+            raise ValueError(f"{len(camids)} camera ids for {len(pids)} pseudo labels")
+        cams = np.asarray(camids, dtype=np.int64)
+        self._cams = [cams[idx] for idx in self._indices]
+
+    def _block(self, rng: np.random.Generator, indices: np.ndarray, cams: np.ndarray) -> np.ndarray:
+        """(K,) indices: the anchor first, then K-1 positives preferably from other cameras."""
+        k = self.num_instances
+        a = int(rng.integers(len(indices)))
+        pool = indices[cams != cams[a]]
+        if len(pool) == 0:
+            pool = np.delete(indices, a)
+        if len(pool) == 0:
+            pool = indices[a : a + 1]
+        rest = rng.choice(pool, size=k - 1, replace=len(pool) < k)
+        return np.concatenate([indices[a : a + 1], rest])
+
+    def global_batches(self) -> list[np.ndarray]:
+        """All batches of the current pass, each ``(P * K,)`` indices ordered pseudo identity by pseudo identity."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        blocks = [self._block(rng, self._indices[c], self._cams[c]) for c in rng.permutation(len(self._indices))]
+        p = self.num_pids_per_batch
+        batches = [np.concatenate(blocks[i : i + p]) for i in range(0, len(blocks) - p + 1, p)]
+        self._cache = (self.epoch, batches)
+        return batches
