@@ -139,12 +139,29 @@ def test_optimizer_gives_biases_twice_the_rate_and_skips_frozen_neck_bias():
 def test_every_recipe_loads_and_names_its_published_numbers(recipe):
     cfg = load_config(FinetuneConfig, CONFIGS / recipe)
     header = (CONFIGS / recipe).read_text().splitlines()[0]
-    assert re.search(r"Published: mAP \d+\.\d, R1 \d+\.\d", header), header
+    if recipe == "market_vit_small_mean.yaml":  # a source model only: its published row is the UDA one
+        assert "source model of the published UDA Market->MSMT17 row" in header, header
+    else:
+        assert re.search(r"Published: mAP \d+\.\d, R1 \d+\.\d", header), header
     assert cfg.data.dataset in {"market1501", "msmt17"}
     assert cfg.data.img_size == ([384, 128] if "384" in recipe else [256, 128])
     assert cfg.model.name == ("pass_vit_base" if "vit_base" in recipe else "pass_vit_small")
     assert (cfg.optim.batch_size, cfg.optim.num_instances, cfg.run.epochs) == (64, 4, 120)
     assert recipe.removesuffix(".yaml") in cfg.run.output_dir
+
+
+def test_market_to_msmt17_uda_starts_from_the_final_model_of_the_mean_fusion_market_recipe():
+    from passreid.cluster import ClusterConfig
+
+    source = load_config(FinetuneConfig, CONFIGS / "market_vit_small_mean.yaml")
+    cat = load_config(FinetuneConfig, CONFIGS / "market_vit_small.yaml")
+    assert (source.data.dataset, source.model.fusion, cat.model.fusion) == ("market1501", "mean", "cat")
+    assert source.model.neck == "multi" and source.run.epochs == 120
+    assert source.run.output_dir != cat.run.output_dir
+    uda = load_config(ClusterConfig, CONFIGS.parent / "uda" / "market_to_msmt17_vit_small.yaml")
+    # model.pth is the final epoch's model (best.pth would be the test-selected one)
+    assert Path(uda.model.pretrained) == Path(source.run.output_dir) / "model.pth"
+    assert uda.model.fusion == "mean"
 
 
 @pytest.mark.parametrize(

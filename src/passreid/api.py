@@ -117,7 +117,7 @@ class ReIDPipeline:
         self.model = model.eval().to(device)
         self.device = device
         self.img_size: tuple[int, int] = tuple(img_size or model.base.img_size)  # type: ignore[assignment]
-        self.precision = resolve_precision(precision, device)
+        self.precision = resolve_precision(precision, device, auto="bf16")
         self.transform = build_test_transform(self.img_size, mean, std)
 
     @property

@@ -88,6 +88,10 @@ class ClusterSettings:
     distance (``auto``: faiss on CPU, torch on GPU). ``calibrate_necks`` sets
     the new necks' BatchNorm statistics from the target train split before the
     first epoch (see :func:`calibrate_necks`); the published recipe does not.
+    ``renormalize_features: true`` L2-normalises the multi-neck after-neck
+    feature once more before clustering and evaluation (passreid's earlier
+    behaviour); published, the fused vector of the normalised tokens is used as
+    it is (DESIGN §5).
     """
 
     eps: float = 0.6
@@ -99,6 +103,7 @@ class ClusterSettings:
     momentum: float = 0.2
     memory_mode: str = "hard"
     calibrate_necks: bool = False
+    renormalize_features: bool = False
 
     def __post_init__(self) -> None:
         check_positive("cluster.eps", self.eps)
@@ -160,12 +165,15 @@ class ClusterConfig:
     ``data`` is the target set (only its train split's images are used for
     training, without labels; query/gallery for evaluation). ``model.pretrained``
     is the starting point: a pretrained backbone (USL) or a model fine-tuned on
-    the source set (UDA); only backbone weights are taken from it.
+    the source set (UDA); only backbone weights are taken from it. Published
+    defaults that differ from fine-tuning: constant-fill random erasing
+    (``data.erasing``), fp32 training (``run.precision``), bicubic test resize.
     """
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(erasing="constant"))
     model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.3, test_feature="after"))
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/cluster", epochs=50, eval_every=10))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/cluster", epochs=50, eval_every=10,
+                                                             precision="fp32"))
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     optim: ClusterOptimConfig = field(default_factory=ClusterOptimConfig)
 
@@ -324,13 +332,15 @@ class ClusterMemory(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-def build_cluster_model(model_cfg: ModelConfig, img_size: Sequence[int], *, mode: str) -> ReIDModel:
+def build_cluster_model(model_cfg: ModelConfig, img_size: Sequence[int], *, mode: str,
+                        renormalize: bool = False) -> ReIDModel:
     """The ReID model of a cluster-contrast run, its backbone loaded from ``model.pretrained``.
 
     Only backbone weights are read (``load_checkpoint`` on ``model.base``): of a
     source fine-tuned model (UDA) the necks and classifier are dropped on
     purpose. The necks are new and named in the published cluster layout
-    (``bottleneck``, ``bottleneck_pt1..3``).
+    (``bottleneck``, ``bottleneck_pt1..3``). Its eval output is the published
+    cluster feature (multi-neck: not normalised again unless ``renormalize``).
     """
     from passreid.checkpoint import load_checkpoint
     from passreid.models import create_model
@@ -348,7 +358,8 @@ def build_cluster_model(model_cfg: ModelConfig, img_size: Sequence[int], *, mode
     else:
         logger.warning("model.pretrained is empty: USL starts from a randomly initialised backbone")
     return ReIDModel(backbone, num_classes=0, fusion=model_cfg.fusion, neck=model_cfg.neck,  # type: ignore[arg-type]
-                     test_feature="after", neck_names="cluster")
+                     test_feature="after", neck_names="cluster", normalize_output=renormalize,
+                     ghost_batch=model_cfg.ghost_batch)
 
 
 def build_optimizer(model: nn.Module, optim_cfg: ClusterOptimConfig) -> torch.optim.Optimizer:
@@ -540,7 +551,8 @@ def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistI
                           f"num_instances x processes = {cfg.optim.num_instances * info.world_size})")
     dataset = ImageDataset(records, transform=build_train_transform(cfg.data.img_size, cfg.data.pixel_mean,
                                                                     cfg.data.pixel_std,
-                                                                    color_jitter=cfg.data.color_jitter),
+                                                                    color_jitter=cfg.data.color_jitter,
+                                                                    erasing=cfg.data.erasing),
                            skip_corrupt=cfg.data.skip_corrupt)
     # Fewer clusters than a batch holds (a strict eps, an early epoch): this epoch's batches
     # hold all of them (whole clusters per process) rather than the run stopping.
@@ -599,7 +611,8 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         fingerprint = dataset_fingerprint(dataset.train)
         precision = resolve_precision(cfg.run.precision, info.device)
 
-        model = build_cluster_model(cfg.model, cfg.data.img_size, mode=mode).to(info.device)
+        model = build_cluster_model(cfg.model, cfg.data.img_size, mode=mode,
+                                    renormalize=cfg.cluster.renormalize_features).to(info.device)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.optim.step_size, gamma=cfg.optim.gamma)
         scaler = make_grad_scaler(precision, info.device)
@@ -677,7 +690,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                     if info.is_main:
                         metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=info.device,
                                                  batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
-                                                 precision=precision)
+                                                 precision="fp32")
                         record.update(metrics_record(metrics))
                         logger.info("epoch %d: mAP %.2f%%, rank-1 %.2f%%", epoch, 100 * metrics["mAP"],
                                     100 * metrics["cmc"][0])

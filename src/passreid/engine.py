@@ -90,14 +90,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on a GPU that has it and fp32 on the CPU (mixed precision buys nothing there)."""
+def resolve_precision(precision: str, device: torch.device, *, auto: str = "fp16") -> str:
+    """The precision a stage runs at: ``fp32``, ``fp16`` (autocast + loss scaling) or ``bf16`` (autocast).
+
+    ``auto`` means ``auto`` on a GPU (default fp16 with a gradient scaler, the
+    precision the published pretraining and fine-tuning trained in; ``bf16``
+    falls back to fp16 on a GPU without it) and fp32 on the CPU. Mixed precision
+    is a GPU feature here: on the CPU, fp16 autocast is slow or unsupported for
+    many kernels and bf16 is slower than fp32 on most CPUs, so an explicit
+    ``fp16``/``bf16`` on the CPU runs in fp32 with a warning that says so.
+    """
     if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        precision = auto
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            return "fp16"
+        return precision
     if precision in ("bf16", "fp16") and device.type != "cuda":
-        logger.warning("precision %s requested on %s: using fp32", precision, device)
+        logger.warning("precision %s requested on %s: mixed precision is GPU-only here, using fp32", precision,
+                       device)
         return "fp32"
     return precision
 

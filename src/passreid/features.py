@@ -66,6 +66,16 @@ class FeatureSet:
                    arrays["camids"].astype(np.int64), arrays["paths"])
 
 
+def eval_interpolation(model: nn.Module) -> str:
+    """The test resize a model was published with: ``bilinear`` for a fine-tuned ReID model
+    (TransReID's test transform), ``bicubic`` for cluster-contrast models and bare backbones."""
+    from passreid.engine import unwrap
+    from passreid.models import ReIDModel
+
+    inner = unwrap(model)
+    return "bilinear" if isinstance(inner, ReIDModel) and inner.neck_names == "finetune" else "bicubic"
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -76,20 +86,31 @@ def extract_features(
     num_workers: int = 2,
     device: torch.device | str = "cpu",
     flip: bool = False,
-    precision: str = "auto",
+    precision: str = "fp32",
     mean: Sequence[float] = HALF,
     std: Sequence[float] = HALF,
     progress: bool = False,
+    interpolation: str | None = None,
 ) -> FeatureSet:
-    """Run ``model`` (in eval mode it returns L2-normalised features) over ``records``.
+    """Run ``model`` in eval mode over ``records``: (N, F) features.
 
-    With ``flip`` the features of the image and its mirror are averaged and
-    normalised again. Mixed precision follows ``precision`` (bf16 on GPU by default).
+    A ReID model's eval output is its test feature, L2-normalised unless its
+    ``normalize_output`` is False (the published cluster-contrast feature, kept
+    as it is so that distances are those the published evaluation computes).
+    With ``flip`` the features of the image and its mirror are averaged (and
+    normalised again when the model's are). ``precision`` defaults to fp32, the
+    published evaluation; ``interpolation`` (``bilinear``/``bicubic``) defaults to
+    :func:`eval_interpolation` of the model.
     """
+    from passreid.engine import unwrap
+
     device = torch.device(device)
     precision = resolve_precision(precision, device)
+    normalize = bool(getattr(unwrap(model), "normalize_output", True))
+    interpolation = interpolation or eval_interpolation(model)
     loader = DataLoader(
-        ImageDataset(list(records), transform=build_test_transform(img_size, mean, std)),
+        ImageDataset(list(records), transform=build_test_transform(img_size, mean, std,
+                                                                   interpolation=interpolation)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -109,8 +130,8 @@ def extract_features(
         with autocast(device, precision):
             feats = model(images).float()
             if flip:
-                feats = feats + model(images.flip(-1)).float()
-        chunks.append(nn.functional.normalize(feats, dim=1).cpu())
+                feats = (feats + model(images.flip(-1)).float()) / 2
+        chunks.append((nn.functional.normalize(feats, dim=1) if normalize else feats).cpu())
     model.train(was_training)
     features = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
     return FeatureSet(
@@ -140,11 +161,13 @@ def evaluate_model(
     num_workers: int = 2,
     flip: bool = False,
     rerank: bool = False,
-    precision: str = "auto",
+    precision: str = "fp32",
+    interpolation: str | None = None,
 ) -> dict[str, Any]:
-    """Extract query and gallery features of ``dataset`` with ``model`` and compute the metrics."""
+    """Extract query and gallery features of ``dataset`` with ``model`` (see :func:`extract_features`) and
+    compute the metrics."""
     kwargs = dict(img_size=img_size, batch_size=batch_size, num_workers=num_workers, device=device, flip=flip,
-                  precision=precision)
+                  precision=precision, interpolation=interpolation)
     query = extract_features(model, dataset.query, **kwargs)
     gallery = extract_features(model, dataset.gallery, **kwargs)
     return evaluate_features(query, gallery, rerank=rerank, device=device)

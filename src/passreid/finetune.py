@@ -143,13 +143,24 @@ class LossConfig:
 
 @dataclass
 class TestConfig:
-    """Evaluation during training: feature batch size and flipped-image averaging."""
+    """Evaluation during training: feature batch size, flipped-image averaging, resize and precision.
+
+    Published: bilinear test resize (training resizes bicubic) and fp32;
+    ``interpolation: bicubic`` is passreid's earlier test resize.
+    """
 
     batch_size: int = 256
     flip: bool = False
+    interpolation: str = "bilinear"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        from passreid.config import PRECISIONS
+        from passreid.data.transforms import INTERPOLATIONS
+
         check_positive("test.batch_size", self.batch_size)
+        check_choice("test.interpolation", self.interpolation, INTERPOLATIONS)
+        check_choice("test.precision", self.precision, PRECISIONS)
 
 
 @dataclass
@@ -190,6 +201,7 @@ def build_model(model_cfg: ModelConfig, *, num_classes: int, img_size: Sequence[
     return ReIDModel(
         backbone, num_classes=num_classes, fusion=model_cfg.fusion,  # type: ignore[arg-type]
         neck=model_cfg.neck, test_feature=model_cfg.test_feature, neck_names="finetune",  # type: ignore[arg-type]
+        ghost_batch=model_cfg.ghost_batch,
     )
 
 
@@ -283,7 +295,7 @@ def build_train_loader(
             f"of whole identities (a multiple of num_instances x processes = {unit})"
         )
     transform = build_train_transform(cfg.data.img_size, cfg.data.pixel_mean, cfg.data.pixel_std,
-                                      color_jitter=cfg.data.color_jitter)
+                                      color_jitter=cfg.data.color_jitter, erasing=cfg.data.erasing)
     dataset = ImageDataset(records, transform=transform, skip_corrupt=cfg.data.skip_corrupt)
     sampler = RandomIdentitySampler([r.pid for r in records], cfg.optim.batch_size, cfg.optim.num_instances,
                                     seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
@@ -534,7 +546,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
                 if epoch % cfg.run.eval_every == 0 or epoch == cfg.run.epochs:
                     if info.is_main:
                         record.update(_evaluate_and_keep_best(unwrap(model), dataset, cfg, state, epoch, run_dir,
-                                                              info.device, precision, config, fingerprint))
+                                                              info.device, config, fingerprint))
                     if info.distributed:
                         dist.barrier()
                 record["seconds"] = time.perf_counter() - t0
@@ -563,14 +575,14 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
 
 
 def _evaluate_and_keep_best(model: nn.Module, dataset: ReIDDataset, cfg: FinetuneConfig, state: RunProgress,
-                            epoch: int, run_dir: RunDir, device: torch.device, precision: str,
+                            epoch: int, run_dir: RunDir, device: torch.device,
                             config: dict[str, Any], fingerprint: dict[str, Any]) -> dict[str, float]:
     """Evaluate on query/gallery, update ``state`` and write ``best.pth`` on a new best mAP; returns the metrics."""
     from passreid.features import evaluate_model, metrics_record
 
     metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=device,
                              batch_size=cfg.test.batch_size, num_workers=cfg.data.num_workers, flip=cfg.test.flip,
-                             precision=precision)
+                             precision=cfg.test.precision, interpolation=cfg.test.interpolation)
     state.last_metrics = metrics_record(metrics)
     if state.last_metrics["mAP"] > state.best_mAP:
         state.best_mAP, state.best_epoch = state.last_metrics["mAP"], epoch
