@@ -190,7 +190,7 @@ def test_triplet_margin_accepts_a_number_or_null():
 def test_short_run_learns_beats_random_init_and_exports_the_published_layout(learnable, tmp_path):
     size = (128, 64)
     cfg = tiny_config(learnable, tmp_path / "run", "data.img_size=[128,64]", "run.epochs=6", "run.eval_every=3",
-                      "optim.name=adamw", "optim.base_lr=0.002", "model.drop_path_rate=0.0")
+                      "optim.name=adamw", "optim.base_lr=0.003", "model.drop_path_rate=0.0")
     result = run_finetune(cfg)
     run = tmp_path / "run"
     records = metrics_of(run)
@@ -214,10 +214,38 @@ def test_short_run_learns_beats_random_init_and_exports_the_published_layout(lea
     side = json.loads((run / "model.json").read_text())
     assert side["meta"]["dataset"] == dataset_fingerprint(dataset.train)
     assert side["config"]["model"]["fusion"] == "cat" and side["config"]["data"]["img_size"] == [128, 64]
-    # The export is the best evaluation's model: rebuilt from the file alone it scores the same.
+    # The export is the final epoch's model: rebuilt from the file alone it scores the last evaluation.
     model, _ = build_model_from_checkpoint(run / "model.pth")
-    assert evaluate_model(model, dataset, img_size=size, num_workers=0)["mAP"] == pytest.approx(result["best_mAP"])
+    final = evaluate_model(model, dataset, img_size=size, num_workers=0)["mAP"]
+    assert final == pytest.approx(result["metrics"]["mAP"]) and final == pytest.approx(records[-1]["mAP"])
     assert result["best_mAP"] == max(r["mAP"] for r in records if "mAP" in r)
+
+
+def test_export_is_the_final_epoch_and_best_pth_says_it_was_selected_on_the_test_set(synth, tmp_path, monkeypatch):
+    """The test mAP falls after epoch 1, so best.pth is epoch 1 and model.pth must still be epoch 3."""
+    import passreid.features
+
+    scores = iter([0.9, 0.5, 0.1])
+
+    def falling_map(*args, **kwargs):
+        return {"mAP": next(scores), "mINP": 0.0, "cmc": [0.5] * 10}
+
+    monkeypatch.setattr(passreid.features, "evaluate_model", falling_map)
+    run = tmp_path / "final"
+    result = run_finetune(tiny_config(synth, run, "run.epochs=3"))
+    assert (result["best_epoch"], result["best_mAP"], result["metrics"]["mAP"]) == (1, 0.9, 0.1)
+    exported, last, best = safe_load(run / "model.pth"), safe_load(run / "last.pth"), safe_load(run / "best.pth")
+    assert all(torch.equal(exported[k], v) for k, v in last["model"].items())
+    assert best["epoch"] == 1 and "test set" in best["selected_on"]
+    assert not all(torch.equal(exported[k], v) for k, v in best["model"].items())
+    assert json.loads((run / "model.json").read_text())["selection"] == "final epoch (3)"
+
+    scores = iter([0.9, 0.5, 0.1])
+    run = tmp_path / "best"
+    run_finetune(tiny_config(synth, run, "run.epochs=3", "export=best"))  # the earlier behaviour, as an option
+    exported, best = safe_load(run / "model.pth"), safe_load(run / "best.pth")
+    assert all(torch.equal(exported[k], v) for k, v in best["model"].items())
+    assert "selected on the test set" in json.loads((run / "model.json").read_text())["selection"]
 
 
 def stop_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:

@@ -698,7 +698,8 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                             best = {"mAP": float(metrics["mAP"]), "epoch": epoch}
                             save_training_checkpoint(run_dir.best, model=model, optimizer=None, scheduler=None,
                                                      scaler=None, epoch=epoch, config=config,
-                                                     fingerprint=fingerprint, extra={"best": best})
+                                                     fingerprint=fingerprint,
+                                                     extra={"best": best, "selected_on": "test set (published)"})
                     if info.distributed:
                         dist.barrier()
                 record["seconds"] = round(time.perf_counter() - t0, 2)
@@ -710,7 +711,9 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
 
         exported = None
         if info.is_main and not stopped and run_dir.best.exists():
-            exported = export_model(run_dir, load_training_checkpoint(run_dir.best)["model"], config, fingerprint)
+            exported = export_model(run_dir, load_training_checkpoint(run_dir.best)["model"], config, fingerprint,
+                                    selection=f"epoch {best['epoch']}, the best test mAP among the evaluations "
+                                              "(published cluster-contrast model selection)")
             logger.info("best epoch %d (mAP %.2f%%) exported to %s", best["epoch"], 100 * best["mAP"], exported)
         run_dir.close()
         return {"best_mAP": best["mAP"], "best_epoch": best["epoch"], "metrics": metrics, "model": exported,

@@ -342,17 +342,21 @@ def check_resume_fingerprint(ckpt: dict[str, Any], fingerprint: dict[str, Any], 
 
 
 def export_model(run_dir: RunDir, state: dict[str, torch.Tensor], config: dict[str, Any],
-                 fingerprint: dict[str, Any] | None) -> Path:
+                 fingerprint: dict[str, Any] | None, *, selection: str | None = None) -> Path:
     """Write ``model.pth`` (a plain state dict in the published layout) and ``model.json`` beside it.
 
-    ``model.json`` is ``{"meta": build_meta(fingerprint), "config": config}``,
-    which lets ``passreid eval`` rebuild the model (input size, fusion, necks).
+    ``model.json`` is ``{"meta": build_meta(fingerprint), "config": config}``
+    (plus ``"selection"``: which epoch was exported and how it was chosen, when
+    given), which lets ``passreid eval`` rebuild the model (input size, fusion, necks).
     """
     path = run_dir.path / "model.pth"
     save_atomic(state, path)
     sidecar = path.with_suffix(".json")
     tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": build_meta(fingerprint), "config": config}, indent=2) + "\n")
+    record: dict[str, Any] = {"meta": build_meta(fingerprint), "config": config}
+    if selection is not None:
+        record["selection"] = selection
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, sidecar)
     return path
 

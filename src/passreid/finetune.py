@@ -6,8 +6,9 @@ identity cross-entropy on the after-neck feature plus a soft-margin batch-hard
 triplet loss on the fused tokens, on P x K identity-balanced batches, by SGD
 with a warm-up + cosine learning rate per epoch. :func:`run_finetune` owns a
 run directory (DESIGN §8): ``config.yaml``, ``metrics.jsonl``, ``tb/``,
-``last.pth`` every epoch, ``best.pth`` on the highest mAP, and at the end
-``model.pth`` (published fine-tuned layout) with ``model.json`` beside it.
+``last.pth`` every epoch, ``best.pth`` on the highest *test* mAP (an extra,
+marked as selected on the test set), and at the end ``model.pth`` (published
+fine-tuned layout) of the final epoch, as published, with ``model.json`` beside it.
 
 >>> cfg = load_config(FinetuneConfig, "configs/finetune/market_vit_small.yaml", ["data.root=data/market1501"])
 >>> result = run_finetune(cfg)            # or: torchrun --nproc-per-node 4 -m passreid train ...
@@ -72,6 +73,8 @@ from passreid.models import ReIDModel, create_model
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
+EXPORTS = ("final", "best")
+SELECTED_ON_TEST = "test set (highest test mAP among the evaluations; optimistic, not a held-out selection)"
 
 
 # ----------------------------------------------------------------------------- config
@@ -169,6 +172,9 @@ class FinetuneConfig:
 
     ``compile: true`` runs the training forward pass through ``torch.compile``
     (fewer, fused kernels; the first steps of a run compile). Evaluation stays eager.
+    ``export`` picks the exported ``model.pth``: ``final`` (published: the last
+    epoch's model) or ``best`` (passreid's earlier choice: the best *test* mAP,
+    which makes the reported figure optimistic, as no validation split exists).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,6 +184,10 @@ class FinetuneConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
     compile: bool = False
+    export: str = "final"
+
+    def __post_init__(self) -> None:
+        check_choice("export", self.export, EXPORTS)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -452,9 +462,10 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
         progress: show a progress bar on rank 0 (the CLI does).
 
     Returns:
-        ``{"best_mAP", "best_epoch", "metrics" (last evaluation), "epoch" (last completed),
-        "step" (steps done in the next epoch when stopped inside it), "model" (exported
-        ``model.pth``; None on other ranks and when stopped early), "run_dir", "stopped"}``.
+        ``{"best_mAP", "best_epoch", "metrics" (last evaluation: the final epoch's), "epoch" (last
+        completed), "step" (steps done in the next epoch when stopped inside it), "model" (exported
+        ``model.pth``, the final epoch's unless ``export: best``; None on other ranks and when
+        stopped early), "run_dir", "stopped"}``. ``best_*`` are selected on the test set.
 
     A SIGTERM/SIGINT makes every rank stop after the current step: ``last.pth`` then
     records the position inside the epoch and ``--resume`` continues from the next
@@ -560,12 +571,18 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
                     break
 
         model_path = None
-        if not stopped and info.is_main and run_dir.best.is_file():
+        if not stopped and info.is_main and cfg.export == "final":
+            model_path = export_model(run_dir, unwrap(model).state_dict(), config, fingerprint,
+                                      selection=f"final epoch ({state.epoch})")
+            logger.info("exported the final epoch's model %s (best test mAP %.2f%% at epoch %d, in %s)", model_path,
+                        100 * state.best_mAP, state.best_epoch, run_dir.best)
+        elif not stopped and info.is_main and run_dir.best.is_file():
             from passreid.checkpoint import safe_load
 
-            model_path = export_model(run_dir, safe_load(run_dir.best)["model"], config, fingerprint)
-            logger.info("best mAP %.2f%% at epoch %d; exported %s", 100 * state.best_mAP, state.best_epoch,
-                        model_path)
+            model_path = export_model(run_dir, safe_load(run_dir.best)["model"], config, fingerprint,
+                                      selection=f"epoch {state.best_epoch}, selected on the {SELECTED_ON_TEST}")
+            logger.info("best test mAP %.2f%% at epoch %d; exported %s (selected on the test set)",
+                        100 * state.best_mAP, state.best_epoch, model_path)
         run_dir.close()
         return {"best_mAP": state.best_mAP, "best_epoch": state.best_epoch, "metrics": state.last_metrics,
                 "epoch": state.epoch, "step": state.step, "model": model_path, "run_dir": run_dir.path,
@@ -577,7 +594,8 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
 def _evaluate_and_keep_best(model: nn.Module, dataset: ReIDDataset, cfg: FinetuneConfig, state: RunProgress,
                             epoch: int, run_dir: RunDir, device: torch.device,
                             config: dict[str, Any], fingerprint: dict[str, Any]) -> dict[str, float]:
-    """Evaluate on query/gallery, update ``state`` and write ``best.pth`` on a new best mAP; returns the metrics."""
+    """Evaluate on query/gallery, update ``state`` and write ``best.pth`` on a new best test mAP (marked
+    ``selected_on`` the test set); returns the metrics."""
     from passreid.features import evaluate_model, metrics_record
 
     metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=device,
@@ -587,7 +605,8 @@ def _evaluate_and_keep_best(model: nn.Module, dataset: ReIDDataset, cfg: Finetun
     if state.last_metrics["mAP"] > state.best_mAP:
         state.best_mAP, state.best_epoch = state.last_metrics["mAP"], epoch
         save_training_checkpoint(run_dir.best, model=model, optimizer=None, scheduler=None, scaler=None, epoch=epoch,
-                                 config=config, fingerprint=fingerprint, extra={"metrics": state.last_metrics})
+                                 config=config, fingerprint=fingerprint,
+                                 extra={"metrics": state.last_metrics, "selected_on": SELECTED_ON_TEST})
     logger.info("epoch %d: mAP %.2f%% R1 %.2f%% (best %.2f%% at epoch %d)", epoch, 100 * state.last_metrics["mAP"],
                 100 * state.last_metrics.get("rank1", 0.0), 100 * state.best_mAP, state.best_epoch)
     return state.last_metrics
