@@ -23,47 +23,67 @@ from passreid.errors import DatasetError
 logger = logging.getLogger(__name__)
 
 NPZ_KEYS = ("features", "pids", "camids", "paths")
+REQUIRED_NPZ_KEYS = ("features", "pids", "camids")
+"""What evaluation needs; ``paths`` is optional (feature files of other tools have none)."""
 
 
 @dataclass
 class FeatureSet:
-    """Features ``(N, D)`` float32 with their identities, cameras and image paths."""
+    """Features ``(N, D)`` float32 with their identities, cameras and, where known, image paths.
+
+    ``paths`` is None for a file written without them: evaluation does not need
+    them, pictures and search results do (:meth:`require_paths`). ``source`` is
+    the file it was read from, for messages.
+    """
 
     features: np.ndarray
     pids: np.ndarray
     camids: np.ndarray
-    paths: np.ndarray
+    paths: np.ndarray | None = None
+    source: str | None = None
 
     def __len__(self) -> int:
         return len(self.features)
+
+    def require_paths(self, purpose: str) -> np.ndarray:
+        """The image paths, or a ``DatasetError`` saying that ``purpose`` needs them and the file has none."""
+        if self.paths is None:
+            where = f"feature file {self.source}" if self.source else "this feature set"
+            raise DatasetError(f"{where} has no 'paths' key: {purpose} needs the image paths "
+                               "(evaluation alone does not; `passreid extract` writes them)")
+        return self.paths
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, features=self.features.astype(np.float32), pids=self.pids.astype(np.int64),
-                 camids=self.camids.astype(np.int64), paths=self.paths.astype(str))
+        arrays = dict(features=self.features.astype(np.float32), pids=self.pids.astype(np.int64),
+                      camids=self.camids.astype(np.int64))
+        if self.paths is not None:
+            arrays["paths"] = self.paths.astype(str)
+        np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureSet:
-        """Read a feature file; a missing file or key is a ``DatasetError`` naming it."""
+        """Read a feature file; a missing file or required key is a ``DatasetError`` naming it."""
         path = Path(path)
         if not path.is_file():
             raise DatasetError(f"feature file not found: {path}")
         try:
             with np.load(path, allow_pickle=False) as data:
-                missing = [k for k in NPZ_KEYS if k not in data.files]
+                missing = [k for k in REQUIRED_NPZ_KEYS if k not in data.files]
                 if missing:
-                    raise DatasetError(f"feature file {path} lacks key(s) {', '.join(missing)} (needs {', '.join(NPZ_KEYS)})")
-                arrays = {k: data[k] for k in NPZ_KEYS}
+                    raise DatasetError(f"feature file {path} lacks key(s) {', '.join(missing)} "
+                                       f"(needs {', '.join(REQUIRED_NPZ_KEYS)}; 'paths' is optional)")
+                arrays = {k: data[k] for k in NPZ_KEYS if k in data.files}
         except (OSError, ValueError) as exc:
             raise DatasetError(f"feature file {path} cannot be read as .npz: {exc}") from exc
         n = len(arrays["features"])
-        if arrays["features"].ndim != 2 or any(len(arrays[k]) != n for k in NPZ_KEYS):
-            raise DatasetError(f"feature file {path}: features must be (N, D) with N pids, camids and paths")
+        if arrays["features"].ndim != 2 or any(len(v) != n for v in arrays.values()):
+            raise DatasetError(f"feature file {path}: features must be (N, D) with N pids, camids (and paths)")
         return cls(arrays["features"].astype(np.float32), arrays["pids"].astype(np.int64),
-                   arrays["camids"].astype(np.int64), arrays["paths"])
+                   arrays["camids"].astype(np.int64), arrays.get("paths"), source=str(path))
 
 
 def eval_interpolation(model: nn.Module) -> str:
