@@ -21,12 +21,7 @@ from passreid.features import FeatureSet, eval_interpolation, extract_features
 from passreid.models import ReIDModel, create_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
