@@ -254,7 +254,7 @@ def _features(n: int = 3) -> dict[str, np.ndarray]:
                 paths=np.array([f"img{i}.jpg" for i in range(n)]))
 
 
-@pytest.mark.parametrize("dropped", ["features", "camids", "paths"])
+@pytest.mark.parametrize("dropped", ["features", "camids", "pids"])
 def test_feature_file_missing_a_key_names_file_and_key(tmp_path: Path, dropped: str) -> None:
     arrays = _features()
     del arrays[dropped]

@@ -553,7 +553,8 @@ def test_info_command_prints_json_and_table(tmp_path: Path, capsys: pytest.Captu
          ("cat", "multi", "finetune", "before", 6)),
         (dict(neck="multi", neck_names="finetune", fusion="mean", num_classes=6),
          ("mean", "multi", "finetune", "before", 6)),
-        (dict(neck="multi", neck_names="cluster", fusion="cat", test_feature="after"),
+        # a cluster-contrast model gives the published feature, not normalised again
+        (dict(neck="multi", neck_names="cluster", fusion="cat", test_feature="after", normalize_output=False),
          ("cat", "multi", "cluster", "after", 0)),
         (dict(neck="single", fusion="mean"), ("mean", "single", "finetune", "before", 0)),
         (dict(neck="single", fusion="cat", num_classes=2), ("cat", "single", "finetune", "before", 2)),
@@ -567,6 +568,7 @@ def test_build_model_picks_the_layout(tmp_path: Path, layout: dict, expected: tu
     built, report = build_model_from_checkpoint(path)
 
     assert (built.fusion, built.neck, built.neck_names, built.test_feature, built.num_classes) == expected
+    assert built.normalize_output is layout.get("normalize_output", True)
     assert report.format == "reid-finetuned" and report.initialised == []
     assert built.base.img_size == SMALL and not built.training
     assert_same_output(source, built)
@@ -574,7 +576,8 @@ def test_build_model_picks_the_layout(tmp_path: Path, layout: dict, expected: tu
 
 def test_build_model_reads_fusion_of_neck_only_model_from_sidecar(tmp_path: Path) -> None:
     """Multi-neck cluster models have no classifier: cat vs mean is only in the config (OUT.json)."""
-    source = perturb(ReIDModel(tiny(), fusion="mean", neck_names="cluster", test_feature="after"))
+    source = perturb(ReIDModel(tiny(), fusion="mean", neck_names="cluster", test_feature="after",
+                               normalize_output=False))
     path = tmp_path / "uda.pth"
     torch.save(source.state_dict(), path)
     config = {"model": {"fusion": "mean", "neck": "multi", "test_feature": "after"}}

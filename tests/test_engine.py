@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +132,36 @@ def test_precision_and_autocast_on_cpu():
     assert not engine.make_grad_scaler("fp32", cpu).is_enabled()
     with engine.autocast(cpu, "fp32"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_each_recipe_resolves_to_its_published_precision(caplog):
+    """Published: pretraining and fine-tuning train in fp16 with a loss scaler, evaluation and cluster
+    contrast run in fp32. Only the resolution is checked, for a GPU device (nothing runs on it)."""
+    from passreid.cluster import ClusterConfig
+    from passreid.config import load_config
+    from passreid.finetune import FinetuneConfig
+    from passreid.pretrain import PretrainConfig
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    stages = [(FinetuneConfig, "finetune", "fp16"), (PretrainConfig, "pretrain", "fp16"),
+              (ClusterConfig, "usl", "fp32"), (ClusterConfig, "uda", "fp32")]
+    for schema, folder, expected in stages:
+        recipes = [p for p in sorted((RECIPES / folder).glob("*.yaml")) if p.name != "base.yaml"]
+        assert recipes
+        for recipe in recipes:
+            cfg = load_config(schema, recipe)
+            assert engine.resolve_precision(cfg.run.precision, gpu) == expected, recipe
+            assert engine.resolve_precision(cfg.run.precision, cpu) == "fp32", recipe  # CPU: no autocast
+            if schema is FinetuneConfig:
+                assert cfg.test.precision == "fp32"
+    assert load_config(ClusterConfig, None).run.precision == "fp32"
+    assert engine.resolve_precision("bf16", gpu) == "bf16"  # kept as an option
+    with caplog.at_level("WARNING", logger="passreid.engine"):
+        assert engine.resolve_precision("fp16", cpu) == "fp32"
+    assert "GPU-only" in caplog.text and "fp32" in caplog.text
 
 
 def test_cuda_device_without_gpu_is_a_clear_error():

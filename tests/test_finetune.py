@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import math
 import os
 import re
@@ -74,22 +75,50 @@ def metrics_of(run: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- schedule, optimizer, configs
 
 
-def test_schedule_is_the_published_warmup_then_cosine():
+def test_schedule_is_the_published_warmup_then_cosine_one_epoch_behind():
+    """Published: timm's scheduler stepped after each epoch, so 1-based epoch e trains at f(e - 1)."""
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD([{"params": [model.weight], "lr": 4e-4}, {"params": [model.bias], "lr": 8e-4}], lr=4e-4)
     sched = WarmupCosineLR(opt, base_lr=4e-4, epochs=120, warmup_epochs=20, warmup_factor=0.01, eta_min_factor=0.002)
     w, m = 4e-6, 8e-7  # absolute warm-up start and floor, shared by both groups
-    sched.set_epoch(1)
+    sched.set_epoch(1)  # the warm-up start itself, for both groups
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([w, w], rel=1e-12)
+    sched.set_epoch(2)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([w + (4e-4 - w) / 20, w + (8e-4 - w) / 20])
-    sched.set_epoch(20)  # first cosine epoch: cosine of the whole run at 20/120, not restarted after warm-up
+    sched.set_epoch(20)  # last warm-up epoch: t = 19
+    assert opt.param_groups[0]["lr"] == pytest.approx(w + 19 * (4e-4 - w) / 20)
+    sched.set_epoch(21)  # first cosine epoch: cosine of the whole run at t = 20 of 120, ~0.93 x base
     assert opt.param_groups[0]["lr"] == pytest.approx(m + 0.5 * (4e-4 - m) * (1 + math.cos(math.pi / 6)))
-    sched.set_epoch(120)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([m, m])
+    assert opt.param_groups[0]["lr"] / 4e-4 == pytest.approx(0.9331, abs=1e-4)
+    sched.set_epoch(120)  # t = 119: one step above the floor
+    assert opt.param_groups[0]["lr"] == pytest.approx(m + 0.5 * (4e-4 - m) * (1 + math.cos(math.pi * 119 / 120)))
     state = sched.state_dict()
     fresh = WarmupCosineLR(opt, base_lr=4e-4, epochs=120, warmup_epochs=20, warmup_factor=0.01, eta_min_factor=0.002)
     sched.set_epoch(3)
     fresh.load_state_dict(state)
-    assert opt.param_groups[0]["lr"] == pytest.approx(m)
+    assert opt.param_groups[0]["lr"] == pytest.approx(m + 0.5 * (4e-4 - m) * (1 + math.cos(math.pi * 119 / 120)))
+
+
+def test_train_loader_epoch_has_the_published_number_of_steps(synth, tmp_path):
+    """12 identities of 4 or 6 images, K 4: one group each (leftovers dropped), P 4 -> exactly 3 steps.
+
+    With ``optim.cover_all_images`` the 5 identities of 6 images bring a topped-up second
+    group: 17 groups, at least 5 steps.
+    """
+    from passreid.engine import DistInfo
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    dataset = build_dataset("synthetic", str(synth))
+    sizes = sorted(Counter(r.pid for r in dataset.train).values())
+    assert sizes == [4] * 7 + [6] * 5
+    for epoch in (1, 2, 3):
+        loader, sampler = finetune.build_train_loader(dataset.train, tiny_config(synth, tmp_path), info)
+        sampler.set_epoch(epoch)
+        assert len(loader) == 3
+        loader, sampler = finetune.build_train_loader(
+            dataset.train, tiny_config(synth, tmp_path, "optim.cover_all_images=true"), info)
+        sampler.set_epoch(epoch)
+        assert len(loader) >= 5
 
 
 def test_optimizer_gives_biases_twice_the_rate_and_skips_frozen_neck_bias():
@@ -111,7 +140,10 @@ def test_optimizer_gives_biases_twice_the_rate_and_skips_frozen_neck_bias():
 def test_every_recipe_loads_and_names_its_published_numbers(recipe):
     cfg = load_config(FinetuneConfig, CONFIGS / recipe)
     header = (CONFIGS / recipe).read_text().splitlines()[0]
-    assert re.search(r"Published: mAP \d+\.\d, R1 \d+\.\d", header), header
+    if recipe == "market_vit_small_mean.yaml":  # a source model only: its published row is the UDA one
+        assert "source model of the published UDA Market->MSMT17 row" in header, header
+    else:
+        assert re.search(r"Published: mAP \d+\.\d, R1 \d+\.\d", header), header
     assert cfg.data.dataset in {"market1501", "msmt17"}
     assert cfg.data.img_size == ([384, 128] if "384" in recipe else [256, 128])
     assert cfg.model.name == ("pass_vit_base" if "vit_base" in recipe else "pass_vit_small")
@@ -131,6 +163,20 @@ def test_tiny_cpu_recipe_is_the_demo_fine_tuning(tmp_path):
     assert (recipe.data.img_size, recipe.data.num_workers) == (demo.data.img_size, demo.data.num_workers)
     assert (recipe.run.epochs, recipe.run.eval_every) == (demo.run.epochs, demo.run.eval_every)
     assert recipe.run.device == "cpu"
+
+
+def test_market_to_msmt17_uda_starts_from_the_final_model_of_the_mean_fusion_market_recipe():
+    from passreid.cluster import ClusterConfig
+
+    source = load_config(FinetuneConfig, CONFIGS / "market_vit_small_mean.yaml")
+    cat = load_config(FinetuneConfig, CONFIGS / "market_vit_small.yaml")
+    assert (source.data.dataset, source.model.fusion, cat.model.fusion) == ("market1501", "mean", "cat")
+    assert source.model.neck == "multi" and source.run.epochs == 120
+    assert source.run.output_dir != cat.run.output_dir
+    uda = load_config(ClusterConfig, CONFIGS.parent / "uda" / "market_to_msmt17_vit_small.yaml")
+    # model.pth is the final epoch's model (best.pth would be the test-selected one)
+    assert Path(uda.model.pretrained) == Path(source.run.output_dir) / "model.pth"
+    assert uda.model.fusion == "mean"
 
 
 @pytest.mark.parametrize(
@@ -159,7 +205,7 @@ def test_triplet_margin_accepts_a_number_or_null():
 def test_short_run_learns_beats_random_init_and_exports_the_published_layout(learnable, tmp_path):
     size = (128, 64)
     cfg = tiny_config(learnable, tmp_path / "run", "data.img_size=[128,64]", "run.epochs=6", "run.eval_every=3",
-                      "optim.name=adamw", "optim.base_lr=0.002", "model.drop_path_rate=0.0")
+                      "optim.name=adamw", "optim.base_lr=0.003", "model.drop_path_rate=0.0")
     result = run_finetune(cfg)
     run = tmp_path / "run"
     records = metrics_of(run)
@@ -183,10 +229,38 @@ def test_short_run_learns_beats_random_init_and_exports_the_published_layout(lea
     side = json.loads((run / "model.json").read_text())
     assert side["meta"]["dataset"] == dataset_fingerprint(dataset.train)
     assert side["config"]["model"]["fusion"] == "cat" and side["config"]["data"]["img_size"] == [128, 64]
-    # The export is the best evaluation's model: rebuilt from the file alone it scores the same.
+    # The export is the final epoch's model: rebuilt from the file alone it scores the last evaluation.
     model, _ = build_model_from_checkpoint(run / "model.pth")
-    assert evaluate_model(model, dataset, img_size=size, num_workers=0)["mAP"] == pytest.approx(result["best_mAP"])
+    final = evaluate_model(model, dataset, img_size=size, num_workers=0)["mAP"]
+    assert final == pytest.approx(result["metrics"]["mAP"]) and final == pytest.approx(records[-1]["mAP"])
     assert result["best_mAP"] == max(r["mAP"] for r in records if "mAP" in r)
+
+
+def test_export_is_the_final_epoch_and_best_pth_says_it_was_selected_on_the_test_set(synth, tmp_path, monkeypatch):
+    """The test mAP falls after epoch 1, so best.pth is epoch 1 and model.pth must still be epoch 3."""
+    import passreid.features
+
+    scores = iter([0.9, 0.5, 0.1])
+
+    def falling_map(*args, **kwargs):
+        return {"mAP": next(scores), "mINP": 0.0, "cmc": [0.5] * 10}
+
+    monkeypatch.setattr(passreid.features, "evaluate_model", falling_map)
+    run = tmp_path / "final"
+    result = run_finetune(tiny_config(synth, run, "run.epochs=3"))
+    assert (result["best_epoch"], result["best_mAP"], result["metrics"]["mAP"]) == (1, 0.9, 0.1)
+    exported, last, best = safe_load(run / "model.pth"), safe_load(run / "last.pth"), safe_load(run / "best.pth")
+    assert all(torch.equal(exported[k], v) for k, v in last["model"].items())
+    assert best["epoch"] == 1 and "test set" in best["selected_on"]
+    assert not all(torch.equal(exported[k], v) for k, v in best["model"].items())
+    assert json.loads((run / "model.json").read_text())["selection"] == "final epoch (3)"
+
+    scores = iter([0.9, 0.5, 0.1])
+    run = tmp_path / "best"
+    run_finetune(tiny_config(synth, run, "run.epochs=3", "export=best"))  # the earlier behaviour, as an option
+    exported, best = safe_load(run / "model.pth"), safe_load(run / "best.pth")
+    assert all(torch.equal(exported[k], v) for k, v in best["model"].items())
+    assert "selected on the test set" in json.loads((run / "model.json").read_text())["selection"]
 
 
 def stop_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:

@@ -194,8 +194,10 @@ def damaged_copy(workdir: Path, dest: Path) -> tuple[Path, Path]:
 
 
 def tiny_config(workdir: Path, root: Path, out: Path, *extra: str) -> FinetuneConfig:
+    """One epoch that reads every training image: the published P x K epoch may leave the damaged one out."""
     return load_config(FinetuneConfig, workdir / "tiny.yaml",
-                       [f"data.root={root}", f"run.output_dir={out}", "run.epochs=1", "run.eval_every=1", *extra])
+                       [f"data.root={root}", f"run.output_dir={out}", "run.epochs=1", "run.eval_every=1",
+                        "optim.cover_all_images=true", *extra])
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -408,3 +408,61 @@ def test_invalid_options_raise_config_error() -> None:
         reid(fusion="sum")
     with pytest.raises(ConfigError, match="neck_names"):
         reid(neck_names="dino")
+
+
+# --------------------------------------------------------------------------- ghost batch norm
+
+
+def test_ghost_batch_norm_equals_one_batch_norm_per_group_and_keeps_the_first_groups_statistics() -> None:
+    """A batch of 12 in groups of 4 = what DataParallel on 3 devices does: three BatchNorm1d calls."""
+    from passreid.models import GhostBatchNorm1d
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 5) * torch.tensor([1.0, 2.0, 3.0, 0.5, 4.0]) + torch.arange(12.0).unsqueeze(1)
+    ghost = GhostBatchNorm1d(5, group_size=4)
+    with torch.no_grad():
+        ghost.weight.uniform_(0.5, 1.5)
+        ghost.bias.uniform_(-0.5, 0.5)
+    replicas = [nn.BatchNorm1d(5) for _ in range(3)]
+    for bn in replicas:
+        bn.load_state_dict(ghost.state_dict())
+    out = ghost(x)
+    expected = torch.cat([bn(x[4 * i : 4 * (i + 1)]) for i, bn in enumerate(replicas)])
+    torch.testing.assert_close(out, expected)
+    # by hand for group 2: its own mean and biased variance
+    g = x[8:12]
+    manual = (g - g.mean(0)) / torch.sqrt(g.var(0, unbiased=False) + ghost.eps) * ghost.weight + ghost.bias
+    torch.testing.assert_close(out[8:12], manual.detach())
+    whole = nn.BatchNorm1d(5)
+    whole.load_state_dict(replicas[1].state_dict())
+    assert not torch.allclose(out, whole(x), atol=1e-2)  # one BatchNorm over all 12 is something else
+    # the running statistics are replica 0's (the first group's), as DataParallel keeps them
+    torch.testing.assert_close(ghost.running_mean, replicas[0].running_mean)
+    torch.testing.assert_close(ghost.running_var, replicas[0].running_var)
+    # gradients flow through every group
+    x.requires_grad_(True)
+    ghost(x).square().sum().backward()
+    assert x.grad is not None and bool((x.grad.abs().sum(1) > 0).all())
+    # eval mode, and batches that are not a multiple of the group, are plain BatchNorm1d
+    plain = nn.BatchNorm1d(5)
+    plain.load_state_dict(ghost.state_dict())
+    ghost.eval(), plain.eval()
+    torch.testing.assert_close(ghost(x.detach()), plain(x.detach()))
+
+
+def test_ghost_batch_differs_from_whole_batch_normalisation_and_reaches_every_neck() -> None:
+    torch.manual_seed(0)
+    backbone = TokenBackbone(6)
+    model = ReIDModel(backbone, neck="multi", test_feature="after", neck_names="cluster", ghost_batch=4).train()
+    necks = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(necks) == 4 and all(getattr(m, "group_size", 0) == 4 for m in necks)
+    tokens = torch.randn(8, 4, 6) + torch.arange(8.0).view(8, 1, 1)  # the two halves differ in mean
+    plain = ReIDModel(TokenBackbone(6), neck="multi", test_feature="after", neck_names="cluster").train()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(model(tokens).neck_feat, plain(tokens).neck_feat, atol=1e-3)
+    per_half = torch.cat([plain(tokens[:4]).neck_feat, plain(tokens[4:]).neck_feat])
+    torch.testing.assert_close(model(tokens).neck_feat, per_half)
+    single = ReIDModel(TokenBackbone(6), neck="single", ghost_batch=4)
+    assert getattr(single.bottleneck, "group_size", 0) == 4
+    with pytest.raises(ConfigError, match="ghost_batch"):
+        ReIDModel(TokenBackbone(6), ghost_batch=-1)

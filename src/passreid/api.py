@@ -9,8 +9,11 @@ Example:
     >>> scores, indices, paths = gallery.search(feats, k=5)
 
 Preprocessing is that of the evaluation path (:func:`passreid.features.extract_features`):
-RGB, bicubic resize to the model's input size, pixel mean/std 0.5, so features
-from :meth:`ReIDPipeline.extract` and from ``passreid extract`` agree.
+RGB, resize to the model's input size (bilinear for a fine-tuned model, bicubic
+for a cluster-contrast one, as published), pixel mean/std 0.5, so features
+from :meth:`ReIDPipeline.extract` and from ``passreid extract`` agree. Rows are
+always of unit length here (cosine search); a cluster-contrast model's
+evaluation feature is the same direction with its published norm.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from passreid.data.images import read_image
 from passreid.data.transforms import HALF, build_test_transform
+from passreid.features import eval_interpolation
 from passreid.engine import autocast, resolve_device, resolve_precision
 from passreid.errors import DatasetError
 from passreid.models import PassViT, ReIDModel
@@ -117,8 +121,8 @@ class ReIDPipeline:
         self.model = model.eval().to(device)
         self.device = device
         self.img_size: tuple[int, int] = tuple(img_size or model.base.img_size)  # type: ignore[assignment]
-        self.precision = resolve_precision(precision, device)
-        self.transform = build_test_transform(self.img_size, mean, std)
+        self.precision = resolve_precision(precision, device, auto="bf16")
+        self.transform = build_test_transform(self.img_size, mean, std, interpolation=eval_interpolation(model))
 
     @property
     def feat_dim(self) -> int:

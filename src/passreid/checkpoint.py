@@ -770,7 +770,9 @@ def build_model_from_checkpoint(
     width (2D cat, D mean); ``num_classes`` from the classifier. A training
     checkpoint's ``config`` (``model.fusion``, ``model.neck``,
     ``model.test_feature``, ``data.img_size``) wins where present. A pure backbone
-    gives the defaults (cat, multi-neck, before).
+    gives the defaults (cat, multi-neck, before). A cluster-contrast model's eval
+    output is the published cluster feature, not normalised again unless its
+    config says ``cluster.renormalize_features``.
     """
     parsed = load_parsed(path)
     arch = backbone_arch(parsed.backbone)
@@ -797,6 +799,8 @@ def build_model_from_checkpoint(
     default_test = "after" if neck_names == "cluster" else "before"
     test_feature = config_value(parsed.config, "model.test_feature") or default_test
     classifier = parsed.heads.get("classifier.weight")
+    # Cluster-contrast models give the published cluster feature (multi-neck: not normalised again).
+    normalize_output = neck_names != "cluster" or bool(config_value(parsed.config, "cluster.renormalize_features"))
     model = ReIDModel(
         backbone,
         num_classes=int(classifier.shape[0]) if classifier is not None else 0,
@@ -804,6 +808,7 @@ def build_model_from_checkpoint(
         neck=neck,
         test_feature=test_feature,
         neck_names=neck_names or "finetune",
+        normalize_output=normalize_output,
     )
     report = load_checkpoint(model, parsed)
     model.eval().to(device)

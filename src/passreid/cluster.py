@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("usl", "uda")
 MEMORY_MODES = ("hard", "mean", "instance")
+SAMPLERS = ("camera", "identity")
 
 
 # ----------------------------------------------------------------------------- config
@@ -88,6 +89,10 @@ class ClusterSettings:
     distance (``auto``: faiss on CPU, torch on GPU). ``calibrate_necks`` sets
     the new necks' BatchNorm statistics from the target train split before the
     first epoch (see :func:`calibrate_necks`); the published recipe does not.
+    ``renormalize_features: true`` L2-normalises the multi-neck after-neck
+    feature once more before clustering and evaluation (passreid's earlier
+    behaviour); published, the fused vector of the normalised tokens is used as
+    it is (DESIGN §5).
     """
 
     eps: float = 0.6
@@ -99,6 +104,7 @@ class ClusterSettings:
     momentum: float = 0.2
     memory_mode: str = "hard"
     calibrate_necks: bool = False
+    renormalize_features: bool = False
 
     def __post_init__(self) -> None:
         check_positive("cluster.eps", self.eps)
@@ -120,7 +126,11 @@ class ClusterOptimConfig:
     (the published code's other option; it suits short CPU runs of a small
     model). ``batch_size`` is the total over all processes; each pseudo identity
     in a batch brings ``num_instances`` images. The learning rate is multiplied
-    by ``gamma`` every ``step_size`` epochs.
+    by ``gamma`` every ``step_size`` epochs. ``sampler: camera`` (published) visits
+    every pseudo identity once per pass with positives from other cameras
+    (:class:`~passreid.data.samplers.CameraAwareIdentitySampler`); ``identity`` is
+    passreid's earlier P x K sampler (clusters in proportion to their size,
+    cameras ignored).
     """
 
     name: str = "sgd"
@@ -132,9 +142,11 @@ class ClusterOptimConfig:
     batch_size: int = 256
     num_instances: int = 8
     iters: int = 200
+    sampler: str = "camera"
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, ("sgd", "adamw"))
+        check_choice("optim.sampler", self.sampler, SAMPLERS)
         check_positive("optim.lr", self.lr)
         check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         check_positive("optim.step_size", self.step_size)
@@ -154,12 +166,15 @@ class ClusterConfig:
     ``data`` is the target set (only its train split's images are used for
     training, without labels; query/gallery for evaluation). ``model.pretrained``
     is the starting point: a pretrained backbone (USL) or a model fine-tuned on
-    the source set (UDA); only backbone weights are taken from it.
+    the source set (UDA); only backbone weights are taken from it. Published
+    defaults that differ from fine-tuning: constant-fill random erasing
+    (``data.erasing``), fp32 training (``run.precision``), bicubic test resize.
     """
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(erasing="constant"))
     model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.3, test_feature="after"))
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/cluster", epochs=50, eval_every=10))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/cluster", epochs=50, eval_every=10,
+                                                             precision="fp32"))
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     optim: ClusterOptimConfig = field(default_factory=ClusterOptimConfig)
 
@@ -318,13 +333,15 @@ class ClusterMemory(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-def build_cluster_model(model_cfg: ModelConfig, img_size: Sequence[int], *, mode: str) -> ReIDModel:
+def build_cluster_model(model_cfg: ModelConfig, img_size: Sequence[int], *, mode: str,
+                        renormalize: bool = False) -> ReIDModel:
     """The ReID model of a cluster-contrast run, its backbone loaded from ``model.pretrained``.
 
     Only backbone weights are read (``load_checkpoint`` on ``model.base``): of a
     source fine-tuned model (UDA) the necks and classifier are dropped on
     purpose. The necks are new and named in the published cluster layout
-    (``bottleneck``, ``bottleneck_pt1..3``).
+    (``bottleneck``, ``bottleneck_pt1..3``). Its eval output is the published
+    cluster feature (multi-neck: not normalised again unless ``renormalize``).
     """
     from passreid.checkpoint import load_checkpoint
     from passreid.models import create_model
@@ -342,7 +359,8 @@ def build_cluster_model(model_cfg: ModelConfig, img_size: Sequence[int], *, mode
     else:
         logger.warning("model.pretrained is empty: USL starts from a randomly initialised backbone")
     return ReIDModel(backbone, num_classes=0, fusion=model_cfg.fusion, neck=model_cfg.neck,  # type: ignore[arg-type]
-                     test_feature="after", neck_names="cluster")
+                     test_feature="after", neck_names="cluster", normalize_output=renormalize,
+                     ghost_batch=model_cfg.ghost_batch)
 
 
 def build_optimizer(model: nn.Module, optim_cfg: ClusterOptimConfig) -> torch.optim.Optimizer:
@@ -520,9 +538,13 @@ def _broadcast_labels(labels: np.ndarray | None, info: DistInfo) -> np.ndarray:
 
 def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistInfo,
                      epoch: int) -> Generator[tuple[Tensor, Tensor], None, None]:
-    """Pseudo-identity batches (``num_instances`` images per cluster) of this rank, reshuffled on every pass."""
+    """Pseudo-identity batches (``num_instances`` images per cluster) of this rank, reshuffled on every pass.
+
+    A pass of the camera-aware sampler holds each pseudo identity once; passes
+    follow each other until the epoch's ``iters`` steps are done.
+    """
     from passreid.data.images import ImageDataset
-    from passreid.data.samplers import RandomIdentitySampler
+    from passreid.data.samplers import CameraAwareIdentitySampler, RandomIdentitySampler
     from passreid.data.transforms import build_train_transform
 
     if cfg.optim.batch_size % (cfg.optim.num_instances * info.world_size):
@@ -531,7 +553,8 @@ def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistI
                           f"num_instances x processes = {cfg.optim.num_instances * info.world_size})")
     dataset = ImageDataset(records, transform=build_train_transform(cfg.data.img_size, cfg.data.pixel_mean,
                                                                     cfg.data.pixel_std,
-                                                                    color_jitter=cfg.data.color_jitter),
+                                                                    color_jitter=cfg.data.color_jitter,
+                                                                    erasing=cfg.data.erasing),
                            skip_corrupt=cfg.data.skip_corrupt)
     # Fewer clusters than a batch holds (a strict eps, an early epoch): this epoch's batches
     # hold all of them (whole clusters per process) rather than the run stopping.
@@ -541,9 +564,12 @@ def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistI
     if per_batch < full:
         logger.warning("epoch %d: only %d clusters; batches of %d clusters x %d images this epoch instead of %d x %d",
                        epoch, num_clusters, per_batch, cfg.optim.num_instances, full, cfg.optim.num_instances)
-    sampler = RandomIdentitySampler([r.pid for r in records], batch_size=per_batch * cfg.optim.num_instances,
-                                    num_instances=cfg.optim.num_instances, seed=cfg.run.seed, rank=info.rank,
-                                    world_size=info.world_size)
+    shape: dict[str, Any] = dict(batch_size=per_batch * cfg.optim.num_instances,
+                                 num_instances=cfg.optim.num_instances, seed=cfg.run.seed, rank=info.rank,
+                                 world_size=info.world_size)
+    pids = [r.pid for r in records]
+    sampler = (CameraAwareIdentitySampler(pids, [r.camid for r in records], **shape) if cfg.optim.sampler == "camera"
+               else RandomIdentitySampler(pids, cover_all=True, **shape))
     loader = DataLoader(dataset, batch_size=sampler.batch_size_per_rank, sampler=sampler,
                         num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", drop_last=True)
     # A pass over the sampler rarely covers exactly `iters` batches: keep drawing
@@ -587,7 +613,8 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         fingerprint = dataset_fingerprint(dataset.train)
         precision = resolve_precision(cfg.run.precision, info.device)
 
-        model = build_cluster_model(cfg.model, cfg.data.img_size, mode=mode).to(info.device)
+        model = build_cluster_model(cfg.model, cfg.data.img_size, mode=mode,
+                                    renormalize=cfg.cluster.renormalize_features).to(info.device)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.optim.step_size, gamma=cfg.optim.gamma)
         scaler = make_grad_scaler(precision, info.device)
@@ -665,7 +692,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                     if info.is_main:
                         metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=info.device,
                                                  batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
-                                                 precision=precision, skip_corrupt=cfg.data.skip_corrupt)
+                                                 precision="fp32", skip_corrupt=cfg.data.skip_corrupt)
                         record.update(metrics_record(metrics))
                         logger.info("epoch %d: mAP %.2f%%, rank-1 %.2f%%", epoch, 100 * metrics["mAP"],
                                     100 * metrics["cmc"][0])
@@ -673,7 +700,8 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                             best = {"mAP": float(metrics["mAP"]), "epoch": epoch}
                             save_training_checkpoint(run_dir.best, model=model, optimizer=None, scheduler=None,
                                                      scaler=None, epoch=epoch, config=config,
-                                                     fingerprint=fingerprint, extra={"best": best})
+                                                     fingerprint=fingerprint,
+                                                     extra={"best": best, "selected_on": "test set (published)"})
                     if info.distributed:
                         dist.barrier()
                 record["seconds"] = round(time.perf_counter() - t0, 2)
@@ -686,7 +714,9 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         exported = None
         if info.is_main and not stopped and run_dir.best.exists():
             exported = export_model(run_dir, load_training_checkpoint(run_dir.best)["model"], config, fingerprint,
-                                    epoch=best["epoch"], metrics={"mAP": best["mAP"]})
+                                    epoch=best["epoch"], metrics={"mAP": best["mAP"]},
+                                    selection=f"epoch {best['epoch']}, the best test mAP among the evaluations "
+                                              "(published cluster-contrast model selection)")
             logger.info("best epoch %d (mAP %.2f%%) exported to %s", best["epoch"], 100 * best["mAP"], exported)
         run_dir.close()
         return {"best_mAP": best["mAP"], "best_epoch": best["epoch"], "metrics": metrics, "model": exported,

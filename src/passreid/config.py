@@ -57,6 +57,9 @@ class DataConfig:
     brightness, contrast and saturation factors from ``[1 - s, 1 + s]`` and a hue
     shift from ``[-s / 6, s / 6]`` per image, so that a camera's light and colour
     cast stop being a shortcut (the demo's UDA stage needs it; see README).
+    ``erasing`` is the training random erasing: ``noise`` (fine-tuning, random
+    pixel values) or ``constant`` (cluster contrast, the published constant fill;
+    see :class:`~passreid.data.transforms.ConstantErasing`).
     """
 
     dataset: str = "market1501"
@@ -67,10 +70,13 @@ class DataConfig:
     pixel_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     skip_corrupt: bool = False
     color_jitter: float = 0.0
+    erasing: str = "noise"
 
     def __post_init__(self) -> None:
         from passreid.data.datasets import list_datasets
+        from passreid.data.transforms import ERASING
 
+        check_choice("data.erasing", self.erasing, ERASING)
         check_choice("data.dataset", self.dataset, list_datasets())
         check_img_size("data.img_size", self.img_size)
         check_positive("data.num_workers", self.num_workers, allow_zero=True)
@@ -80,7 +86,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The ReID model: backbone, initial weights, fusion of the tokens and necks (DESIGN §4/§5)."""
+    """The ReID model: backbone, initial weights, fusion of the tokens and necks (DESIGN §4/§5).
+
+    ``ghost_batch`` > 0 normalises the neck BatchNorms in training over groups
+    of that many images of the batch (ghost batch norm; the published cluster
+    runs' DataParallel split of 256 images over 4 or 2 GPUs is 64 or 128).
+    """
 
     name: str = "pass_vit_small"
     depth: int = 12
@@ -89,10 +100,12 @@ class ModelConfig:
     fusion: str = "cat"
     neck: str = "multi"
     test_feature: str = "before"
+    ghost_batch: int = 0
 
     def __post_init__(self) -> None:
         from passreid.models import list_models
 
+        check_positive("model.ghost_batch", self.ghost_batch, allow_zero=True)
         check_choice("model.name", self.name, list_models())
         check_positive("model.depth", self.depth)
         check_choice("model.fusion", self.fusion, ("cat", "mean"))
@@ -104,7 +117,13 @@ class ModelConfig:
 
 @dataclass
 class RunConfig:
-    """Run-level settings shared by every training stage."""
+    """Run-level settings shared by every training stage.
+
+    ``precision``: ``auto`` is the stage's published precision on a GPU (fp16 with
+    a gradient scaler for pretraining and fine-tuning; cluster contrast's
+    recipes say fp32) and fp32 on the CPU; ``bf16``, ``fp16``, ``fp32`` force one
+    (mixed precision on the CPU falls back to fp32 with a warning).
+    """
 
     output_dir: str = "runs/default"
     seed: int = 0

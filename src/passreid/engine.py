@@ -105,14 +105,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on a GPU that has it and fp32 on the CPU (mixed precision buys nothing there)."""
+def resolve_precision(precision: str, device: torch.device, *, auto: str = "fp16") -> str:
+    """The precision a stage runs at: ``fp32``, ``fp16`` (autocast + loss scaling) or ``bf16`` (autocast).
+
+    ``auto`` means ``auto`` on a GPU (default fp16 with a gradient scaler, the
+    precision the published pretraining and fine-tuning trained in; ``bf16``
+    falls back to fp16 on a GPU without it) and fp32 on the CPU. Mixed precision
+    is a GPU feature here: on the CPU, fp16 autocast is slow or unsupported for
+    many kernels and bf16 is slower than fp32 on most CPUs, so an explicit
+    ``fp16``/``bf16`` on the CPU runs in fp32 with a warning that says so.
+    """
     if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        precision = auto
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            return "fp16"
+        return precision
     if precision in ("bf16", "fp16") and device.type != "cuda":
-        logger.warning("precision %s requested on %s: using fp32", precision, device)
+        logger.warning("precision %s requested on %s: mixed precision is GPU-only here, using fp32", precision,
+                       device)
         return "fp32"
     return precision
 
@@ -346,12 +358,13 @@ def check_resume_fingerprint(ckpt: dict[str, Any], fingerprint: dict[str, Any], 
 
 def export_model(run_dir: RunDir, state: dict[str, torch.Tensor], config: dict[str, Any],
                  fingerprint: dict[str, Any] | None, *, epoch: int | None = None,
-                 metrics: dict[str, float] | None = None) -> Path:
+                 metrics: dict[str, float] | None = None, selection: str | None = None) -> Path:
     """Write ``model.pth`` (a plain state dict in the published layout) and ``model.json`` beside it.
 
-    ``model.json`` is ``{"meta": build_meta(fingerprint), "config": config, "epoch", "metrics"}``:
-    what lets ``passreid eval`` rebuild the model (input size, fusion, necks) and
-    ``passreid info`` say which epoch was exported and what it scored.
+    ``model.json`` is ``{"meta": build_meta(fingerprint), "config": config, "epoch", "metrics"}``
+    (plus ``"selection"``: how the exported epoch was chosen, when given): what lets
+    ``passreid eval`` rebuild the model (input size, fusion, necks) and ``passreid info``
+    say which epoch was exported, how it was chosen and what it scored.
     """
     path = run_dir.path / "model.pth"
     save_atomic(state, path)
@@ -362,6 +375,8 @@ def export_model(run_dir: RunDir, state: dict[str, torch.Tensor], config: dict[s
         record["epoch"] = int(epoch)
     if metrics:
         record["metrics"] = {k: float(v) for k, v in metrics.items()}
+    if selection is not None:
+        record["selection"] = selection
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, sidecar)
     return path

@@ -23,6 +23,8 @@ from passreid.errors import DatasetError
 logger = logging.getLogger(__name__)
 
 NPZ_KEYS = ("features", "pids", "camids", "paths")
+REQUIRED_NPZ_KEYS = ("features", "pids", "camids")
+"""What evaluation needs; ``paths`` is optional (feature files of other tools have none)."""
 
 BadImagePolicy = Literal["raise", "drop", "replace"]
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("raise", "drop", "replace")
@@ -30,43 +32,71 @@ BAD_IMAGE_POLICIES: tuple[str, ...] = ("raise", "drop", "replace")
 
 @dataclass
 class FeatureSet:
-    """Features ``(N, D)`` float32 with their identities, cameras and image paths."""
+    """Features ``(N, D)`` float32 with their identities, cameras and, where known, image paths.
+
+    ``paths`` is None for a file written without them: evaluation does not need
+    them, pictures and search results do (:meth:`require_paths`). ``source`` is
+    the file it was read from, for messages.
+    """
 
     features: np.ndarray
     pids: np.ndarray
     camids: np.ndarray
-    paths: np.ndarray
+    paths: np.ndarray | None = None
+    source: str | None = None
 
     def __len__(self) -> int:
         return len(self.features)
+
+    def require_paths(self, purpose: str) -> np.ndarray:
+        """The image paths, or a ``DatasetError`` saying that ``purpose`` needs them and the file has none."""
+        if self.paths is None:
+            where = f"feature file {self.source}" if self.source else "this feature set"
+            raise DatasetError(f"{where} has no 'paths' key: {purpose} needs the image paths "
+                               "(evaluation alone does not; `passreid extract` writes them)")
+        return self.paths
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, features=self.features.astype(np.float32), pids=self.pids.astype(np.int64),
-                 camids=self.camids.astype(np.int64), paths=self.paths.astype(str))
+        arrays = dict(features=self.features.astype(np.float32), pids=self.pids.astype(np.int64),
+                      camids=self.camids.astype(np.int64))
+        if self.paths is not None:
+            arrays["paths"] = self.paths.astype(str)
+        np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureSet:
-        """Read a feature file; a missing file or key is a ``DatasetError`` naming it."""
+        """Read a feature file; a missing file or required key is a ``DatasetError`` naming it."""
         path = Path(path)
         if not path.is_file():
             raise DatasetError(f"feature file not found: {path}")
         try:
             with np.load(path, allow_pickle=False) as data:
-                missing = [k for k in NPZ_KEYS if k not in data.files]
+                missing = [k for k in REQUIRED_NPZ_KEYS if k not in data.files]
                 if missing:
-                    raise DatasetError(f"feature file {path} lacks key(s) {', '.join(missing)} (needs {', '.join(NPZ_KEYS)})")
-                arrays = {k: data[k] for k in NPZ_KEYS}
+                    raise DatasetError(f"feature file {path} lacks key(s) {', '.join(missing)} "
+                                       f"(needs {', '.join(REQUIRED_NPZ_KEYS)}; 'paths' is optional)")
+                arrays = {k: data[k] for k in NPZ_KEYS if k in data.files}
         except (OSError, ValueError) as exc:
             raise DatasetError(f"feature file {path} cannot be read as .npz: {exc}") from exc
         n = len(arrays["features"])
-        if arrays["features"].ndim != 2 or any(len(arrays[k]) != n for k in NPZ_KEYS):
-            raise DatasetError(f"feature file {path}: features must be (N, D) with N pids, camids and paths")
+        if arrays["features"].ndim != 2 or any(len(v) != n for v in arrays.values()):
+            raise DatasetError(f"feature file {path}: features must be (N, D) with N pids, camids (and paths)")
         return cls(arrays["features"].astype(np.float32), arrays["pids"].astype(np.int64),
-                   arrays["camids"].astype(np.int64), arrays["paths"])
+                   arrays["camids"].astype(np.int64), arrays.get("paths"), source=str(path))
+
+
+def eval_interpolation(model: nn.Module) -> str:
+    """The test resize a model was published with: ``bilinear`` for a fine-tuned ReID model
+    (TransReID's test transform), ``bicubic`` for cluster-contrast models and bare backbones."""
+    from passreid.engine import unwrap
+    from passreid.models import ReIDModel
+
+    inner = unwrap(model)
+    return "bilinear" if isinstance(inner, ReIDModel) and inner.neck_names == "finetune" else "bicubic"
 
 
 @torch.no_grad()
@@ -79,26 +109,37 @@ def extract_features(
     num_workers: int = 2,
     device: torch.device | str = "cpu",
     flip: bool = False,
-    precision: str = "auto",
+    precision: str = "fp32",
     mean: Sequence[float] = HALF,
     std: Sequence[float] = HALF,
     progress: bool = False,
     on_bad_image: BadImagePolicy = "raise",
+    interpolation: str | None = None,
 ) -> FeatureSet:
-    """Run ``model`` (in eval mode it returns L2-normalised features) over ``records``.
+    """Run ``model`` in eval mode over ``records``: (N, F) features.
 
-    With ``flip`` the features of the image and its mirror are averaged and
-    normalised again. Mixed precision follows ``precision`` (bf16 on GPU by default).
+    A ReID model's eval output is its test feature, L2-normalised unless its
+    ``normalize_output`` is False (the published cluster-contrast feature, kept
+    as it is so that distances are those the published evaluation computes).
+    With ``flip`` the features of the image and its mirror are averaged (and
+    normalised again when the model's are). ``precision`` defaults to fp32, the
+    published evaluation; ``interpolation`` (``bilinear``/``bicubic``) defaults to
+    :func:`eval_interpolation` of the model.
     ``on_bad_image`` says what an unreadable image does: ``raise`` a
     :class:`~passreid.errors.DatasetError` naming it, ``drop`` its row (evaluation
     with ``data.skip_corrupt``: the result then has fewer rows than ``records``), or
     ``replace`` it by the next readable image (rows stay aligned with ``records``).
     """
+    from passreid.engine import unwrap
+
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    images_of = ImageDataset(list(records), transform=build_test_transform(img_size, mean, std),
+    normalize = bool(getattr(unwrap(model), "normalize_output", True))
+    interpolation = interpolation or eval_interpolation(model)
+    images_of = ImageDataset(list(records), transform=build_test_transform(img_size, mean, std,
+                                                                           interpolation=interpolation),
                              skip_corrupt=on_bad_image != "raise")
     loader = DataLoader(
         images_of,
@@ -121,8 +162,8 @@ def extract_features(
         with autocast(device, precision):
             feats = model(images).float()
             if flip:
-                feats = feats + model(images.flip(-1)).float()
-        chunks.append(nn.functional.normalize(feats, dim=1).cpu())
+                feats = (feats + model(images.flip(-1)).float()) / 2
+        chunks.append((nn.functional.normalize(feats, dim=1) if normalize else feats).cpu())
     model.train(was_training)
     features = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
     keep = np.ones(len(records), dtype=bool)
@@ -159,16 +200,18 @@ def evaluate_model(
     num_workers: int = 2,
     flip: bool = False,
     rerank: bool = False,
-    precision: str = "auto",
+    precision: str = "fp32",
+    interpolation: str | None = None,
     skip_corrupt: bool = False,
 ) -> dict[str, Any]:
-    """Extract query and gallery features of ``dataset`` with ``model`` and compute the metrics.
+    """Extract query and gallery features of ``dataset`` with ``model`` (see :func:`extract_features`) and
+    compute the metrics.
 
     With ``skip_corrupt`` (a run's ``data.skip_corrupt``) unreadable images are left out of
     the evaluation instead of stopping it.
     """
     kwargs = dict(img_size=img_size, batch_size=batch_size, num_workers=num_workers, device=device, flip=flip,
-                  precision=precision, on_bad_image="drop" if skip_corrupt else "raise")
+                  precision=precision, interpolation=interpolation, on_bad_image="drop" if skip_corrupt else "raise")
     query = extract_features(model, dataset.query, **kwargs)
     gallery = extract_features(model, dataset.gallery, **kwargs)
     return evaluate_features(query, gallery, rerank=rerank, device=device)

@@ -415,12 +415,13 @@ class Gallery:
             raw = faiss.deserialize_index(settings["faiss_index"])
             raw.nprobe = gallery.nprobe
             gallery._backend = gallery._make_backend(fs.features.shape[1], raw=raw)
-            gallery._paths = [str(p) for p in fs.paths]
+            gallery._paths = [str(p) for p in fs.require_paths("a search gallery")]
             gallery._path_set = set(gallery._paths)
             gallery._pids = [fs.pids]
             gallery._camids = [fs.camids]
         else:
-            gallery._append(np.ascontiguousarray(fs.features), [str(p) for p in fs.paths], fs.pids, fs.camids)
+            gallery._append(np.ascontiguousarray(fs.features), [str(p) for p in fs.require_paths("a search gallery")],
+                            fs.pids, fs.camids)
         logger.info("loaded a gallery of %d images (%s, %s) from %s", len(gallery), gallery.index_type,
                     gallery.backend_name, path)
         return gallery

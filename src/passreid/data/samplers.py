@@ -1,10 +1,15 @@
-"""Identity-balanced sampling: batches of P identities x K images (DESIGN §4), DDP-aware.
+"""Identity-balanced sampling: batches of P identities x K images (DESIGN §4, §5), DDP-aware.
 
-The triplet loss needs positives and negatives inside every batch, so a batch
-is ``P = batch_size / K`` distinct identities with ``K`` images each. The batch
+The losses need positives and negatives inside every batch, so a batch is
+``P = batch_size / K`` distinct identities with ``K`` images each. The batch
 list of an epoch is a pure function of ``(seed, epoch)``: every rank computes
 the same global batches and takes its own slice of identities, and a resumed
 run replays exactly the batches it would have seen.
+
+- :class:`RandomIdentitySampler`: the supervised P x K sampler of the published
+  fine-tuning (leftover images of an identity wait for the next epoch).
+- :class:`CameraAwareIdentitySampler`: the cluster-contrast sampler (every
+  pseudo identity once per pass, positives preferably from other cameras).
 
 Example:
     >>> sampler = RandomIdentitySampler([r.pid for r in records], batch_size=64, num_instances=4)
@@ -28,14 +33,18 @@ from passreid.errors import DatasetError
 class RandomIdentitySampler(Sampler[int]):
     """Yields dataset indices in P x K blocks; use with ``DataLoader(batch_size=batch_size_per_rank)``.
 
-    Each epoch every identity's images are shuffled and cut into chunks of K;
-    the last chunk of an identity is topped up with other images of the same
-    identity (with repetition only when it has fewer than K). Batches draw P
-    distinct identities with probability proportional to their remaining
-    chunks, so large identities are spread over the epoch instead of piling up
-    at its end; when fewer than P identities have chunks left, the last batch is
-    completed with fresh chunks of other identities. Hence every image is seen
-    at least once per epoch.
+    Published rule (default): each epoch every identity's images are shuffled
+    (an identity with fewer than K images draws K of them with replacement)
+    and cut into groups of K; the ``n mod K`` leftover images are dropped for
+    this epoch. Then P identities are drawn uniformly among those with groups
+    left, each gives its next group, until fewer than P identities have groups
+    left. An epoch is therefore shorter than ``N / (P K)`` steps.
+
+    ``cover_all=True`` (passreid's earlier rule, not published): the last group
+    of an identity is topped up with its other images instead of dropped,
+    identities are drawn in proportion to their remaining groups, and the last
+    batch is completed with fresh groups of other identities, so every image is
+    seen at least once per epoch (10-20% more steps on Market-1501).
 
     Args:
         pids: identity of each dataset index; ``-1`` (clustering outliers) is never sampled.
@@ -45,6 +54,7 @@ class RandomIdentitySampler(Sampler[int]):
         seed: with the epoch (:meth:`set_epoch`), fixes the batches.
         rank, world_size: this process's share: rank r takes identities
             ``r*P/W .. (r+1)*P/W - 1`` of every global batch, i.e. whole K-blocks.
+        cover_all: see above.
     """
 
     def __init__(
@@ -56,6 +66,7 @@ class RandomIdentitySampler(Sampler[int]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        cover_all: bool = False,
     ) -> None:
         if num_instances < 1 or batch_size < 1:
             raise ValueError(f"batch_size ({batch_size}) and num_instances ({num_instances}) must be positive")
@@ -82,6 +93,7 @@ class RandomIdentitySampler(Sampler[int]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.cover_all = cover_all
         self._pids = sorted(groups)
         self._indices = [np.asarray(groups[p], dtype=np.int64) for p in self._pids]
         self.epoch = 0
@@ -96,26 +108,45 @@ class RandomIdentitySampler(Sampler[int]):
         self.start_batch = start_batch
 
     def _chunks(self, rng: np.random.Generator, indices: np.ndarray) -> list[np.ndarray]:
-        """Shuffle one identity's images and cut them into K-chunks, topping up the last one."""
+        """Shuffle one identity's images and cut them into K-groups (leftover dropped, or topped up)."""
         k = self.num_instances
+        if len(indices) < k and not self.cover_all:  # published: K draws with replacement
+            return [rng.choice(indices, size=k, replace=True)]
         order = rng.permutation(indices)
         chunks = [order[i : i + k] for i in range(0, len(order), k)]
         short = k - len(chunks[-1])
-        if short:
-            chunks[-1] = np.concatenate([chunks[-1], self._top_up(rng, indices, chunks[-1], short)])
+        if short and not self.cover_all:
+            chunks.pop()
+        elif short:
+            others = np.setdiff1d(indices, chunks[-1])
+            top_up = (rng.choice(others, size=short, replace=False) if len(others) >= short
+                      else rng.choice(indices, size=short, replace=True))
+            chunks[-1] = np.concatenate([chunks[-1], top_up])
         return chunks
-
-    def _top_up(self, rng: np.random.Generator, indices: np.ndarray, have: np.ndarray, count: int) -> np.ndarray:
-        others = np.setdiff1d(indices, have)
-        if len(others) >= count:  # no image twice in one chunk when the identity has K or more
-            return rng.choice(others, size=count, replace=False)
-        return rng.choice(indices, size=count, replace=True)
 
     def global_batches(self) -> list[np.ndarray]:
         """All batches of the current epoch, each ``(P * K,)`` indices ordered identity by identity."""
         if self._cache is not None and self._cache[0] == self.epoch:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, self.epoch])
+        batches = self._cover_all_batches(rng) if self.cover_all else self._published_batches(rng)
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def _published_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        queues = [self._chunks(rng, idx) for idx in self._indices]
+        taken = np.zeros(len(queues), dtype=np.int64)
+        left = np.array([len(q) for q in queues], dtype=np.int64)
+        p = self.num_pids_per_batch
+        batches: list[np.ndarray] = []
+        while (available := np.flatnonzero(left)).size >= p:
+            chosen = rng.choice(available, size=p, replace=False)
+            batches.append(np.concatenate([queues[i][taken[i]] for i in chosen]))
+            taken[chosen] += 1
+            left[chosen] -= 1
+        return batches
+
+    def _cover_all_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
         queues = [self._chunks(rng, idx) for idx in self._indices]
         remaining = np.array([len(q) for q in queues], dtype=np.float64)
         p = self.num_pids_per_batch
@@ -133,7 +164,6 @@ class RandomIdentitySampler(Sampler[int]):
                                      replace=False)
                 blocks += [self._chunks(rng, self._indices[i])[0] for i in fillers]
             batches.append(np.concatenate(blocks))
-        self._cache = (self.epoch, batches)
         return batches
 
     def __iter__(self) -> Iterator[int]:
@@ -144,3 +174,58 @@ class RandomIdentitySampler(Sampler[int]):
     def __len__(self) -> int:
         """Indices this rank yields in the current epoch (after ``start_batch``)."""
         return max(0, len(self.global_batches()) - self.start_batch) * self.batch_size_per_rank
+
+
+class CameraAwareIdentitySampler(RandomIdentitySampler):
+    """Cluster-contrast batches (published ``RandomMultipleGallerySampler``), P pseudo identities x K images.
+
+    One pass visits every pseudo identity once, in random order (uniformly,
+    whatever its size). For each: one random anchor image, then K-1 images of
+    the same pseudo identity taken from cameras *other* than the anchor's;
+    only when the pseudo identity was seen by a single camera do the K-1 come
+    from its other images (its one image K times if it has no other). As
+    published, the K-1 are drawn without replacement only when the pool holds
+    at least K images, with replacement otherwise. The blocks of a pass are cut
+    into batches of P and an incomplete last batch is dropped; the cluster
+    loop draws as many passes as its iterations need.
+
+    Cross-camera positives are what a cluster-contrast model must learn to
+    match; drawing clusters in proportion to their size (or ignoring cameras)
+    lets big, single-camera clusters dominate an epoch.
+
+    Args:
+        pids: pseudo identity of each dataset index; ``-1`` (outliers) is never sampled.
+        camids: camera of each dataset index.
+        batch_size, num_instances, seed, rank, world_size: as :class:`RandomIdentitySampler`.
+    """
+
+    def __init__(self, pids: Sequence[int], camids: Sequence[int], batch_size: int, num_instances: int, *,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(pids, batch_size, num_instances, seed=seed, rank=rank, world_size=world_size)
+        if len(camids) != len(pids):
+            raise ValueError(f"{len(camids)} camera ids for {len(pids)} pseudo labels")
+        cams = np.asarray(camids, dtype=np.int64)
+        self._cams = [cams[idx] for idx in self._indices]
+
+    def _block(self, rng: np.random.Generator, indices: np.ndarray, cams: np.ndarray) -> np.ndarray:
+        """(K,) indices: the anchor first, then K-1 positives preferably from other cameras."""
+        k = self.num_instances
+        a = int(rng.integers(len(indices)))
+        pool = indices[cams != cams[a]]
+        if len(pool) == 0:
+            pool = np.delete(indices, a)
+        if len(pool) == 0:
+            pool = indices[a : a + 1]
+        rest = rng.choice(pool, size=k - 1, replace=len(pool) < k)
+        return np.concatenate([indices[a : a + 1], rest])
+
+    def global_batches(self) -> list[np.ndarray]:
+        """All batches of the current pass, each ``(P * K,)`` indices ordered pseudo identity by pseudo identity."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        blocks = [self._block(rng, self._indices[c], self._cams[c]) for c in rng.permutation(len(self._indices))]
+        p = self.num_pids_per_batch
+        batches = [np.concatenate(blocks[i : i + p]) for i in range(0, len(blocks) - p + 1, p)]
+        self._cache = (self.epoch, batches)
+        return batches

@@ -15,10 +15,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from passreid.errors import ConfigError
-from passreid.models.reid import ReIDModel, ReIDOutput
+from passreid.models.reid import GhostBatchNorm1d, ReIDModel, ReIDOutput
 from passreid.models.vit import PassViT, resize_pos_embed
 
 __all__ = [
+    "GhostBatchNorm1d",
     "PassViT",
     "ReIDModel",
     "ReIDOutput",
