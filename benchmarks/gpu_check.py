@@ -241,7 +241,7 @@ def stage_multicrop(check: Check) -> dict[str, Any]:
 
     from passreid.data.multicrop import BatchedMultiCrop, MultiCropSpec
 
-    crop = BatchedMultiCrop(MultiCropSpec(), decode_size=(256, 128))
+    crop = BatchedMultiCrop(MultiCropSpec())
     images = torch.randint(0, 256, (2 if check.cpu else 64, 3, 256, 128), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     views = crop(images.to(check.device), torch.Generator().manual_seed(0))
