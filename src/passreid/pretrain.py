@@ -956,7 +956,7 @@ def pass_pretrain_stage(ctx: DemoContext) -> list[StageResult]:
     logger.info("demo pretraining: %.0f s, last loss %.4f; frozen features on the source test set: mAP %.1f%% "
                 "before, %.1f%% after", pretrain_seconds, result["metrics"].get("loss", math.nan),
                 100 * watched[0]["mAP"], 100 * watched[-1]["mAP"])
-    after = {"mAP": watched[-1]["mAP"], "cmc": [watched[-1]["rank1"]]}
+    after = {"mAP": watched[-1]["mAP"], "cmc": [watched[-1]["rank1"]], "mINP": watched[-1]["mINP"]}
     frozen = result_from_metrics("pass-pretrain (frozen)", after, pretrain_seconds)
     stage = finetune_for_demo(ctx, "pass-pretrain+finetune", pretrained=str(result["backbone"]))
     return [frozen, stage]
