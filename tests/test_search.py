@@ -96,6 +96,11 @@ def test_saved_gallery_answers_identically(tmp_path: Path, backend: str) -> None
     fs = FeatureSet.load(path)
     np.testing.assert_allclose(fs.features, g, atol=1e-6)
     assert list(fs.paths[:2]) == ["p0", "p1"]
+    # A feature file without the saved moments (or an index from before them) gets them summed on first need.
+    fs.save(tmp_path / "plain.npz")
+    plain = Gallery.load(tmp_path / "plain.npz", backend=backend)
+    torch.testing.assert_close(plain.relative_scores(q, after.scores), gallery.relative_scores(q, before.scores),
+                               atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
