@@ -103,6 +103,27 @@ def test_load_from_memory_and_gallery_round_trip(tmp_path: Path, checkpoint: tup
     assert result.indices.tolist() == [[2]] and result.paths == [[paths[2]]]
     assert result.scores[0, 0].item() == pytest.approx(1.0, abs=1e-5)
     assert passreid.Gallery is Gallery
+    assert gallery.meta == {"model": load(original, device="cpu").fingerprint(), "flip": False, "img_size": [64, 32]}
+
+
+def test_fingerprint_names_the_weights_not_the_file(tmp_path: Path, checkpoint: tuple[Path, ReIDModel]) -> None:
+    path, original = checkpoint
+    fingerprint = load(path, device="cpu").fingerprint()
+    assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 16
+    assert load(original, device="cpu").fingerprint() == fingerprint  # the file's weights are the model's
+    # A bare backbone gets its ReID necks at their (fixed) initialisation: loading it twice is the same model.
+    backbone = tmp_path / "backbone.pth"
+    torch.save(original.base.state_dict(), backbone)
+    assert load(backbone, device="cpu").fingerprint() == load(backbone, device="cpu").fingerprint()
+    # The ID classifier is not on the feature path; any other tensor is.
+    retrained_head = tiny_reid()
+    with torch.no_grad():
+        retrained_head.classifier.weight.add_(1.0)
+    assert load(retrained_head, device="cpu").fingerprint() == fingerprint
+    other = tiny_reid()
+    with torch.no_grad():
+        other.base.norm.bias.add_(1e-3)
+    assert load(other, device="cpu").fingerprint() != fingerprint
 
 
 def test_bad_inputs_are_clear_errors(tmp_path: Path, checkpoint: tuple[Path, ReIDModel]) -> None:

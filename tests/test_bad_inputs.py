@@ -50,6 +50,7 @@ from passreid.finetune import FinetuneConfig, train_one_epoch
 from passreid.losses.reid import ReIDLoss
 from passreid.models import ReIDModel
 from passreid.runfolder import LOCK_NAME, claim_run_folder, lock_holder
+from passreid.search import Gallery
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY = dict(depth=1)
@@ -1010,9 +1011,40 @@ def test_search_query_shows_cameras_one_based_as_in_file_names(
     assert cli_main(["search", "query", *common, str(query), "-k", "3"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d+\s+-?\d", line)]
     assert len(rows) == 3
-    for _, _, pid, cam, path in rows:
+    for _, _, _, pid, cam, path in rows:
         name_cam = re.match(r"^(-1|\d+)_c(\d+)s", Path(path).name)
         assert name_cam is not None and cam == name_cam.group(2)
+
+
+def test_search_refuses_an_index_of_another_model_naming_both(
+    tiny_checkpoint: Path, market: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    index = tmp_path / "gallery.npz"
+    other = tmp_path / "other.pth"
+    other_model = ReIDModel(tiny_backbone(), num_classes=4)
+    with torch.no_grad():
+        other_model.base.norm.weight.mul_(-1)  # another model of the same architecture
+    torch.save(other_model.state_dict(), other)
+    copy = tmp_path / "copy.pth"
+    shutil.copy(tiny_checkpoint, copy)
+    common = ["--index", str(index), "--device", "cpu", "--num-workers", "0"]
+    query = str(first_image(market / "query"))
+    assert cli_main(["search", "index", "--checkpoint", str(tiny_checkpoint), *common,
+                     "--folder", str(market / "query")]) == 0
+    built = Gallery.load(index).meta["model"]
+    before = index.read_bytes()
+    capsys.readouterr()
+    for argv in (["search", "query", "--checkpoint", str(other), *common, query],
+                 ["search", "index", "--checkpoint", str(other), *common, "--folder", str(market / "bounding_box_test")]):
+        assert cli_main(argv) == 2
+        lines = _error_lines(capsys)
+        assert len(lines) == 1 and lines[0].startswith(
+            f"passreid search: error: {index} holds features of model {tiny_checkpoint} [{built}], not of {other} "
+            "[sha256:")
+        assert "features of different models cannot be compared or mixed" in lines[0]
+    assert index.read_bytes() == before  # nothing was added
+    # The same weights under another name are the same model.
+    assert cli_main(["search", "query", "--checkpoint", str(copy), *common, query, "-k", "2"]) == 0
 
 
 # ----------------------------------------------------------------------------- progress and noise

@@ -10,11 +10,15 @@ import torch
 
 from PIL import Image
 
+import passreid
 from passreid.cli import main
+from passreid.data.synthetic import generate_synthetic
+from passreid.data.datasets import build_dataset
 from passreid.errors import ConfigError, DatasetError
+from passreid.evaluation import evaluate_distmat
 from passreid.features import FeatureSet
 from passreid.models import ReIDModel, create_model
-from passreid.search import Gallery, default_nlist, faiss_available
+from passreid.search import Gallery, ModelMismatchError, default_nlist, faiss_available
 from passreid.visualize import grid_size
 
 BACKENDS = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="needs faiss"))]
@@ -83,6 +87,8 @@ def test_saved_gallery_answers_identically(tmp_path: Path, backend: str) -> None
     after = again.search(q, k=5)
     assert torch.equal(before.indices, after.indices) and torch.equal(before.scores, after.scores)
     assert after.paths == before.paths
+    torch.testing.assert_close(again.relative_scores(q, after.scores), gallery.relative_scores(q, before.scores),
+                               atol=1e-9, rtol=0)
     assert again.meta == {"checkpoint": "/models/ft.pth", "flip": True}
     np.testing.assert_array_equal(again.pids, np.arange(120) % 7)
     np.testing.assert_array_equal(again.camids, np.arange(120) % 3)
@@ -90,6 +96,11 @@ def test_saved_gallery_answers_identically(tmp_path: Path, backend: str) -> None
     fs = FeatureSet.load(path)
     np.testing.assert_allclose(fs.features, g, atol=1e-6)
     assert list(fs.paths[:2]) == ["p0", "p1"]
+    # A feature file without the saved moments (or an index from before them) gets them summed on first need.
+    fs.save(tmp_path / "plain.npz")
+    plain = Gallery.load(tmp_path / "plain.npz", backend=backend)
+    torch.testing.assert_close(plain.relative_scores(q, after.scores), gallery.relative_scores(q, before.scores),
+                               atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,6 +117,8 @@ def test_incremental_add_equals_rebuild(backend: str) -> None:
     np.testing.assert_array_equal(parts.pids, whole.pids)
     a, b = whole.search(q, k=10), parts.search(q, k=10)
     assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
+    torch.testing.assert_close(parts.relative_scores(q, b.scores), whole.relative_scores(q, a.scores),
+                               atol=1e-9, rtol=0)
     assert parts.missing(["x3", "new.jpg", "x199", "other.jpg"]) == ["new.jpg", "other.jpg"]
     assert parts.contains("x150") and not parts.contains("x200")
 
@@ -166,6 +179,102 @@ def test_gallery_errors() -> None:
         Gallery(index="hnsw")  # type: ignore[arg-type]
 
 
+def test_relative_scores_are_standard_scores_over_the_whole_gallery() -> None:
+    # Cosines with the query (1, 0): 1.0, 0.0, -1.0, 0.6 -> mean 0.15, variance 2.36/4 - 0.15^2 = 0.5675.
+    gallery = Gallery(backend="torch")
+    gallery.add(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [3.0, 4.0]]))
+    result = gallery.search(torch.tensor([2.0, 0.0]), k=2)
+    z = gallery.relative_scores(torch.tensor([2.0, 0.0]), result.scores)
+    assert z.dtype == torch.float64
+    torch.testing.assert_close(z, torch.tensor([[0.85, 0.45]], dtype=torch.float64) / np.sqrt(0.5675),
+                               atol=1e-6, rtol=0)
+    # Moments kept up to date by add equal moments summed afresh; a gallery of copies of one row has no spread.
+    g, q = unit_rows(90, 12, seed=10), unit_rows(4, 12, seed=11)
+    grown = Gallery(backend="torch")
+    grown.add(g[:30])
+    grown.relative_scores(q, np.zeros((4, 1)))  # sums the moments of the first 30 rows now
+    grown.add(g[30:])
+    scores = q @ g.T
+    expected = (scores - scores.mean(1, keepdims=True)) / scores.std(1, keepdims=True)
+    np.testing.assert_allclose(grown.relative_scores(q, scores).numpy(), expected, atol=1e-5)
+    copies = Gallery(backend="torch")
+    copies.add(np.repeat(g[:1], 3, axis=0))
+    assert torch.isnan(copies.relative_scores(q, copies.search(q, k=2).scores)).all()
+
+
+def test_relative_scores_tell_matches_from_a_large_common_component() -> None:
+    """Features as a ReID model's: one shared direction, a small identity part, smaller noise."""
+    rng = np.random.default_rng(12)
+    ids, per_id, dim = 40, 4, 64
+    common = np.zeros(dim, np.float32)
+    common[0] = 1.0
+    identity = 0.005 * rng.standard_normal((ids, dim)).astype(np.float32)
+    def images(n: int) -> np.ndarray:
+        noise = 0.002 * rng.standard_normal((ids, n, dim)).astype(np.float32)
+        return (common + identity[:, None] + noise).reshape(ids * n, dim)
+    gallery = Gallery(backend="torch")
+    gallery.add(images(per_id), pids=np.repeat(np.arange(ids), per_id))
+    query = images(1)
+    result = gallery.search(query, k=len(gallery))
+    same = gallery.pids[result.indices.numpy()] == np.arange(ids)[:, None]
+    cos, z = result.scores.numpy(), gallery.relative_scores(query, result.scores).numpy()
+    assert np.median(cos[same]) - np.median(cos[~same]) < 0.01  # near 1 for everybody
+    assert np.median(z[same]) > 4 and abs(np.median(z[~same])) < 0.5  # several units apart
+
+
+@pytest.fixture(scope="module")
+def model_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Query and gallery features of a tiny ReID model on a synthetic Market set, with their labels."""
+    root = tmp_path_factory.mktemp("synth") / "market"
+    generate_synthetic(root, num_ids=8, num_cams=3, seed=0, img_size=(64, 32))
+    data = build_dataset("market1501", root)
+    torch.manual_seed(0)
+    model = passreid.load(ReIDModel(create_model("pass_vit_tiny", img_size=(64, 32), depth=1)), device="cpu")
+    q, g = (model.extract([r.path for r in split]).numpy() for split in (data.query, data.gallery))
+    labels = {name: np.array([getattr(r, attr) for r in split]) for name, split, attr in (
+        ("q_pids", data.query, "pid"), ("g_pids", data.gallery, "pid"),
+        ("q_camids", data.query, "camid"), ("g_camids", data.gallery, "camid"))}
+    return q, g, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relative_scores_rank_as_the_cosine_and_the_protocol(
+    model_features: tuple[np.ndarray, np.ndarray, dict], backend: str
+) -> None:
+    q, g, labels = model_features
+    gallery = Gallery(backend=backend)
+    gallery.add(g)
+    result = gallery.search(q, k=len(gallery))
+    cos = result.scores.numpy()
+    z = gallery.relative_scores(q, result.scores).numpy()
+    assert np.isfinite(z).all()
+    # Along each ranked list the score falls exactly where the cosine falls (never merges two cosines).
+    np.testing.assert_array_equal(np.sign(np.diff(z, axis=1)), np.sign(np.diff(cos, axis=1)))
+    # Over the whole gallery: the score's ranking is the cosine's, and the protocol's metrics are unchanged.
+    full_cos = q @ g.T
+    full_z = gallery.relative_scores(q, full_cos).numpy()
+    np.testing.assert_array_equal(np.argsort(-full_z, axis=1, kind="stable"),
+                                  np.argsort(-full_cos, axis=1, kind="stable"))
+    by_cos = evaluate_distmat(torch.from_numpy(2 - 2 * full_cos), **labels)
+    by_z = evaluate_distmat(torch.from_numpy(-full_z), **labels)
+    assert by_z["mAP"] == by_cos["mAP"] and by_z["cmc"] == by_cos["cmc"] and by_z["mINP"] == by_cos["mINP"]
+
+
+def test_a_gallery_refuses_another_models_features() -> None:
+    gallery = Gallery(backend="torch")
+    gallery.meta = {"checkpoint": "/models/a.pth", "model": "sha256:aaaa"}
+    gallery.require_model("sha256:aaaa", "/elsewhere/copy_of_a.pth")  # the same weights anywhere are fine
+    with pytest.raises(ModelMismatchError) as err:
+        gallery.require_model("sha256:bbbb", "/models/b.pth", where="g.npz")
+    assert str(err.value).startswith(
+        "g.npz holds features of model /models/a.pth [sha256:aaaa], not of /models/b.pth [sha256:bbbb]")
+    # An index from before fingerprints were recorded: compared by checkpoint path.
+    gallery.meta = {"checkpoint": "/models/a.pth"}
+    gallery.require_model("sha256:cccc", "/models/a.pth")
+    with pytest.raises(ModelMismatchError, match="model /models/a.pth, not of /models/b.pth"):
+        gallery.require_model("sha256:cccc", "/models/b.pth")
+
+
 def test_search_command_indexes_once_and_queries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "ft.pth"
     torch.manual_seed(0)
@@ -190,9 +299,16 @@ def test_search_command_indexes_once_and_queries(tmp_path: Path, capsys: pytest.
     assert main(["search", "query", "--checkpoint", str(ckpt), "--index", str(index), paths[1], "-k", "3",
                  "--picture", str(picture), "--num-workers", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr().out.splitlines()
-    first_hit = out[2].split()
-    assert first_hit[0] == "1" and float(first_hit[1]) == pytest.approx(1.0, abs=1e-3)
+    assert out[0].startswith("score: the cosine's standard score among the query's cosines with all 6 gallery")
+    assert out[2].split() == ["rank", "score", "cosine", "pid", "cam", "path"]
+    first_hit = out[3].split()
+    assert first_hit[0] == "1" and float(first_hit[2]) == pytest.approx(1.0, abs=1e-5)  # the query image itself
     assert first_hit[-1] == str(Path(paths[1]).resolve())
+    row = grown.paths.index(first_hit[-1])
+    cosines = grown.features.astype(np.float64) @ grown.features[row].astype(np.float64)
+    assert float(first_hit[1]) == pytest.approx((1 - cosines.mean()) / cosines.std(), abs=0.006)
+    shown = [float(line.split()[1]) for line in out[3:6]]
+    assert shown == sorted(shown, reverse=True)
     assert Image.open(picture).size == grid_size(3)
     assert main(["search", "query", "--checkpoint", str(ckpt), "--index", str(index), str(tmp_path / "no.jpg"),
                  "--device", "cpu"]) == 2

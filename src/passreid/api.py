@@ -14,10 +14,15 @@ for a cluster-contrast one, as published), pixel mean/std 0.5, so features
 from :meth:`ReIDPipeline.extract` and from ``passreid extract`` agree. Rows are
 always of unit length here (cosine search); a cluster-contrast model's
 evaluation feature is the same direction with its published norm.
+
+:meth:`ReIDPipeline.fingerprint` names the weights that make the features; a
+gallery built by :meth:`ReIDPipeline.build_gallery` records it, and
+:meth:`Gallery.require_model` refuses features of any other model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -39,7 +44,7 @@ from passreid.search import Gallery, SearchResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Gallery", "ImageInput", "ReIDPipeline", "SearchResult", "load"]
+__all__ = ["Gallery", "ImageInput", "ReIDPipeline", "SearchResult", "load", "model_fingerprint"]
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 """One image: a file path, a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor."""
@@ -82,6 +87,23 @@ def _check_tensor_images(images: torch.Tensor, what: str) -> None:
             f"{what}: float image tensors must hold RGB values in [0, 1], got [{low:.3g}, {high:.3g}]; "
             "pass raw images: the pipeline resizes and normalises them itself"
         )
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """``sha256:<16 hex>`` of a model's tensors (names, dtypes, shapes, values), the ID classifier left out.
+
+    Two models have the same fingerprint exactly when they compute the same
+    features: the classifier is not on the feature path, and it is the one part
+    a checkpoint without it would get at random.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith("classifier."):
+            continue
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy())
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 class _Images(Dataset):
@@ -132,6 +154,10 @@ class ReIDPipeline:
         return (f"ReIDPipeline({type(self.model.base).__name__} D={self.model.base.embed_dim} "
                 f"depth={self.model.base.depth}, img_size={self.img_size}, feat_dim={self.feat_dim}, "
                 f"device={self.device}, precision={self.precision})")
+
+    def fingerprint(self) -> str:
+        """The model's :func:`model_fingerprint`: galleries record it to refuse another model's features."""
+        return model_fingerprint(self.model)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput], **kwargs: Any) -> torch.Tensor:
         return self.extract(images, **kwargs)
@@ -189,8 +215,12 @@ class ReIDPipeline:
         flip: bool = False,
         **gallery_kwargs: Any,
     ) -> Gallery:
-        """A :class:`Gallery` of the images at ``paths`` (``gallery_kwargs`` go to ``Gallery``)."""
+        """A :class:`Gallery` of the images at ``paths`` (``gallery_kwargs`` go to ``Gallery``).
+
+        Its ``meta`` records the model's :meth:`fingerprint`, ``flip`` and ``img_size``.
+        """
         gallery = Gallery(**gallery_kwargs)
+        gallery.meta.update(model=self.fingerprint(), flip=flip, img_size=list(self.img_size))
         gallery.add(self.extract(paths, batch_size=batch_size, flip=flip), paths, pids, camids)
         return gallery
 

@@ -1,4 +1,4 @@
-"""ONNX export of a ReID model's test path: normalised images (B, 3, H, W) -> unit features (B, F).
+"""ONNX export of a ReID model's test path: images (B, 3, H, W) -> unit features (B, F).
 
 Uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``,
 which needs ``onnxscript``: ``pip install 'passreid[onnx]'``); the TorchScript
@@ -7,9 +7,20 @@ is fixed at the checkpoint's (the positional embedding is made for one grid).
 The export is checked with onnxruntime against the torch model before it counts
 as done.
 
-The ONNX metadata (``metadata_props``) records what a consumer needs to feed
-the graph: ``img_size``, ``mean``, ``std`` (RGB in [0, 1], then
-``(x - mean) / std``), ``feat_dim`` and the passreid version.
+The input contract (``input_format``):
+
+- ``"float"`` (default): float32 RGB in [0, 1]; the graph normalises
+  ``(x - mean) / std`` itself, so a consumer feeds decoded, resized pixels;
+- ``"uint8"``: uint8 RGB in 0..255; the graph divides by 255, then normalises;
+- ``"normalised"``: float32 already normalised ``(x - mean) / std``, what
+  earlier exports took (fed raw [0, 1] pixels, such a graph silently gives
+  other features: hence the default).
+
+Images are resized to the graph's (H, W) outside it, with the interpolation
+the evaluation path uses (``resize`` in the metadata). The ONNX metadata
+(``metadata_props``) states all of it: ``input`` (the format), ``input_contract``
+(one sentence), ``img_size``, ``resize``, ``mean``, ``std``, ``feat_dim`` and
+the passreid version.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +42,7 @@ from torch import nn
 from passreid import __version__
 from passreid.data.transforms import HALF
 from passreid.errors import CheckpointError, ConfigError
+from passreid.features import eval_interpolation
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +50,9 @@ DEFAULT_OPSET = 18
 """The lowest opset the torch.export-based exporter emits natively (no down-conversion)."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
+
+InputFormat = Literal["float", "uint8", "normalised"]
+INPUT_FORMATS: tuple[str, ...] = ("float", "uint8", "normalised")
 
 
 @dataclass
@@ -50,6 +65,8 @@ class ExportReport:
         feat_dim: F of the output.
         opset: ONNX opset.
         max_abs_diff: largest |onnxruntime - torch| over the checked batches (None if not verified).
+        input_format: what the graph takes (see the module).
+        contract: the input contract in one sentence, as in the metadata.
     """
 
     path: Path
@@ -57,6 +74,44 @@ class ExportReport:
     feat_dim: int
     opset: int
     max_abs_diff: float | None
+    input_format: str = "float"
+    contract: str = ""
+
+
+def input_contract(input_format: str, img_size: Sequence[int], resize: str,
+                   mean: Sequence[float], std: Sequence[float]) -> str:
+    """What a consumer must feed a graph of ``input_format``, in one sentence."""
+    h, w = img_size
+    shape = f"{INPUT_NAME}: (batch, 3, {h}, {w}) RGB resized to {h}x{w} ({resize})"
+    norm = f"(x - mean) / std with mean {list(mean)}, std {list(std)}"
+    if input_format == "float":
+        return f"{shape}, float32 in [0, 1]; the graph normalises {norm}"
+    if input_format == "uint8":
+        return f"{shape}, uint8 in 0..255; the graph takes x = pixel / 255 and normalises {norm}"
+    return f"{shape}, float32 already normalised: {norm}, x in [0, 1]"
+
+
+def preprocess(images: torch.Tensor, input_format: str, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Graph input of ``input_format`` (B, 3, H, W) -> the normalised images the model takes."""
+    if input_format == "normalised":
+        return images
+    x = images.float() / 255 if input_format == "uint8" else images
+    return (x - mean) / std
+
+
+class _WithNormalisation(nn.Module):
+    """A ReID model behind its input normalisation, so the exported graph takes raw RGB."""
+
+    def __init__(self, model: nn.Module, input_format: str, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_format = input_format
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw images (B, 3, H, W) -> unit features (B, F)."""
+        return self.model(preprocess(images, self.input_format, self.mean, self.std))
 
 
 def _require(module: str) -> Any:
@@ -91,6 +146,7 @@ def export_onnx(
     tolerance: float = 1e-4,
     mean: Sequence[float] = HALF,
     std: Sequence[float] = HALF,
+    input_format: InputFormat = "float",
 ) -> ExportReport:
     """Export the test feature of a ReID model (or of any checkpoint passreid reads) to ONNX.
 
@@ -101,16 +157,22 @@ def export_onnx(
         opset: ONNX opset (>= 18 for this exporter).
         verify: run onnxruntime on batches of 1 and 3 and compare with torch.
         tolerance: the largest allowed |onnxruntime - torch| when verifying.
-        mean, std: the input normalisation, stored in the metadata.
+        mean, std: the input normalisation (inside the graph unless ``input_format``
+            is ``"normalised"``), stored in the metadata.
+        input_format: ``"float"`` RGB in [0, 1], ``"uint8"`` RGB in 0..255, or
+            ``"normalised"`` (the caller normalises); see the module.
 
     Raises:
-        ConfigError: onnx / onnxscript / onnxruntime missing, or an opset below 18.
+        ConfigError: onnx / onnxscript / onnxruntime missing, an opset below 18,
+            or an unknown ``input_format``.
         CheckpointError: the exported graph disagrees with torch by more than ``tolerance``.
     """
     onnx = _require("onnx")
     _require("onnxscript")
     if opset < DEFAULT_OPSET:
         raise ConfigError(f"opset {opset} is too old for the torch.export-based exporter; use {DEFAULT_OPSET} or newer")
+    if input_format not in INPUT_FORMATS:
+        raise ConfigError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint
     else:
@@ -120,14 +182,16 @@ def export_onnx(
         logger.info("loaded %s: %s", model_or_checkpoint, report.summary())
     model = model.float().cpu().eval()
     img_size: tuple[int, int] = tuple(model.base.img_size)  # type: ignore[assignment]
-    example = torch.randn(2, 3, *img_size)
+    graph = model if input_format == "normalised" else _WithNormalisation(model, input_format, mean, std).eval()
+    example = (torch.randint(0, 256, (2, 3, *img_size), dtype=torch.uint8) if input_format == "uint8"
+               else torch.rand(2, 3, *img_size))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):
         warnings.simplefilter("ignore")  # exporter chatter about decompositions is not actionable for users
         program = torch.onnx.export(
-            model,
+            graph,
             (example,),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
@@ -138,8 +202,13 @@ def export_onnx(
         )
     proto = program.model_proto
     feat_dim = int(model.feat_dim)
+    resize = eval_interpolation(model)
+    contract = input_contract(input_format, img_size, resize, mean, std)
     metadata = {
+        "input": input_format,
+        "input_contract": contract,
         "img_size": json.dumps(list(img_size)),
+        "resize": resize,
         "mean": json.dumps(list(mean)),
         "std": json.dumps(list(std)),
         "feat_dim": str(feat_dim),
@@ -151,10 +220,16 @@ def export_onnx(
     tmp = out.with_name(f".{out.name}.tmp")
     onnx.save_model(proto, tmp)
     os.replace(tmp, out)
-    logger.info("wrote %s (opset %d, input %s (B, 3, %d, %d), output %s (B, %d))", out, opset, INPUT_NAME,
-                *img_size, OUTPUT_NAME, feat_dim)
+    logger.info("wrote %s (opset %d, %s -> %s (B, %d))", out, opset, contract, OUTPUT_NAME, feat_dim)
     max_diff = verify_onnx(out, model, tolerance=tolerance) if verify else None
-    return ExportReport(path=out, img_size=img_size, feat_dim=feat_dim, opset=opset, max_abs_diff=max_diff)
+    return ExportReport(path=out, img_size=img_size, feat_dim=feat_dim, opset=opset, max_abs_diff=max_diff,
+                        input_format=input_format, contract=contract)
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (what :func:`export_onnx` recorded)."""
+    onnx = _require("onnx")
+    return {p.key: p.value for p in onnx.load(os.fspath(path), load_external_data=False).metadata_props}
 
 
 @torch.no_grad()
@@ -162,17 +237,31 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, *, batch_sizes: Seque
                 tolerance: float = 1e-4, seed: int = 0) -> float:
     """Largest |onnxruntime - torch| on random batches of each size (CPU, fp32).
 
+    The inputs follow the graph's recorded contract (``input`` in its metadata;
+    a graph without it takes normalised images): raw images go to the graph, and
+    torch gets them normalised as the contract says.
+
     Raises:
         CheckpointError: above ``tolerance``, or the graph's output shape is wrong.
     """
     ort = _require("onnxruntime")
+    meta = onnx_metadata(path)
+    input_format = meta.get("input", "normalised")
+    mean = torch.tensor(json.loads(meta.get("mean", json.dumps(HALF)))).view(1, 3, 1, 1)
+    std = torch.tensor(json.loads(meta.get("std", json.dumps(HALF)))).view(1, 3, 1, 1)
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     model = model.float().cpu().eval()
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     for b in batch_sizes:
-        images = torch.randn(b, 3, *model.base.img_size, generator=generator)
-        expected = model(images).numpy()
+        shape = (b, 3, *model.base.img_size)
+        if input_format == "uint8":
+            images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        elif input_format == "float":
+            images = torch.rand(shape, generator=generator)
+        else:
+            images = torch.randn(shape, generator=generator)
+        expected = model(preprocess(images, input_format, mean, std)).numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
         if got.shape != expected.shape:
             raise CheckpointError(f"{path}: output shape {got.shape} for batch {b}, torch gives {expected.shape}")

@@ -5,8 +5,13 @@
     passreid search query --checkpoint CKPT --index gallery.npz person.jpg -k 10 --picture ranked.png
 
 Indexing into an existing file extracts and adds only the images it does not
-hold yet (same model and flip setting required), so a growing folder is
-updated, not re-indexed.
+hold yet, so a growing folder is updated, not re-indexed. An index records the
+fingerprint of the model that built it: indexing into it or querying it with
+another model is refused, naming both (mixed features cannot be compared).
+
+``search query`` shows each result's cosine and, as its score, the cosine's
+standard score among the query's cosines with the whole gallery (see
+:meth:`passreid.search.Gallery.relative_scores`): same ranking, readable numbers.
 """
 
 from __future__ import annotations
@@ -84,17 +89,6 @@ def _source_records(args: argparse.Namespace) -> list[Any]:
     return [ImageRecord(os.path.abspath(r.path), r.pid, r.camid) for r in records]
 
 
-def _check_same_model(gallery: Any, checkpoint: str, index_path: Path) -> None:
-    """Warn when an index is used with another checkpoint than the one that built it."""
-    import logging
-
-    built_with = gallery.meta.get("checkpoint")
-    if built_with and os.path.abspath(checkpoint) != built_with:
-        logging.getLogger(__name__).warning(
-            "%s was built with %s, not %s: features of different models are not comparable",
-            index_path, built_with, os.path.abspath(checkpoint))
-
-
 def _run_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -105,9 +99,11 @@ def _run_index(args: argparse.Namespace) -> int:
 
     index_path = Path(args.index)
     records = _source_records(args)
+    pipeline = load(args.checkpoint, device=args.device)
+    fingerprint = pipeline.fingerprint()
     if index_path.exists():
         gallery = Gallery.load(index_path)
-        _check_same_model(gallery, args.checkpoint, index_path)
+        gallery.require_model(fingerprint, args.checkpoint, where=str(index_path))
         if gallery.meta.get("flip", args.flip) != args.flip:
             raise ConfigError(f"{index_path} was built with flip={gallery.meta['flip']}; index with the same setting")
     else:
@@ -116,12 +112,12 @@ def _run_index(args: argparse.Namespace) -> int:
             kind = "ivf" if len(records) > IVF_THRESHOLD else "flat"
         gallery = Gallery(index=kind, nlist=args.nlist, nprobe=args.nprobe)
         gallery.meta = {"checkpoint": os.path.abspath(args.checkpoint), "flip": args.flip}
+    gallery.meta.setdefault("model", fingerprint)  # an index from before fingerprints were recorded gets one
     missing = set(gallery.missing([r.path for r in records]))
     new = [r for r in records if r.path in missing]
     if not new:
         print(f"{index_path}: all {len(records)} images are indexed already ({len(gallery)} in total)")
         return 0
-    pipeline = load(args.checkpoint, device=args.device)
     gallery.meta["img_size"] = list(pipeline.img_size)
     skipped: list[str] = []
     with tqdm(total=len(new), desc="index", unit="img", disable=not progress_wanted(args)) as progress:
@@ -189,32 +185,41 @@ def _query_paths(source: str) -> list[str]:
 
 
 def _run_query(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from passreid.api import load
     from passreid.search import Gallery
     from passreid.visualize import ranked_list_grid
 
     index_path = Path(args.index)
     gallery = Gallery.load(index_path)
-    _check_same_model(gallery, args.checkpoint, index_path)
     paths = _query_paths(args.query)
     pipeline = load(args.checkpoint, device=args.device)
+    gallery.require_model(pipeline.fingerprint(), args.checkpoint, where=str(index_path))
     feats = pipeline.extract(paths, batch_size=args.batch_size, flip=bool(gallery.meta.get("flip", False)),
                              num_workers=args.num_workers)
     result = gallery.search(feats, k=args.k)
+    relative = gallery.relative_scores(feats, result.scores)
     pids, camids = gallery.pids, gallery.camids
+    print(f"score: the cosine's standard score among the query's cosines with all {len(gallery)} gallery images "
+          "(about 0 for a typical one; ranks as the cosine)")
     for i, query in enumerate(paths):
         print(f"query {query}")
-        print(f"{'rank':>4}  {'score':>6}  {'pid':>5}  {'cam':>3}  path")  # cameras 1-based, as in file names
+        print(f"{'rank':>4}  {'score':>6}  {'cosine':>7}  {'pid':>5}  {'cam':>3}  path")  # cameras 1-based, as in names
         valid = result.indices[i] >= 0
         rows = result.indices[i][valid].tolist()
-        for rank, (j, score) in enumerate(zip(rows, result.scores[i][valid].tolist()), start=1):
+        cosines = result.scores[i][valid].tolist()
+        scores = relative[i][valid].tolist()
+        for rank, (j, score, cosine) in enumerate(zip(rows, scores, cosines), start=1):
             cam = str(camids[j] + 1) if camids[j] >= 0 else "-"
-            print(f"{rank:>4}  {score:6.3f}  {pids[j]:>5}  {cam:>3}  {result.paths[i][rank - 1]}")
+            shown = f"{score:6.2f}" if np.isfinite(score) else f"{'-':>6}"
+            print(f"{rank:>4}  {shown}  {cosine:7.5f}  {pids[j]:>5}  {cam:>3}  {result.paths[i][rank - 1]}")
         if args.picture:
             out = Path(args.picture)
             if len(paths) > 1:
                 out = out.with_name(f"{out.stem}_{Path(query).stem}{out.suffix or '.png'}")
-            ranked_list_grid(query, result.paths[i], result.scores[i][valid].tolist(), None, out=out, k=args.k,
-                             label="cos=")
+            finite = all(np.isfinite(scores))
+            ranked_list_grid(query, result.paths[i], scores if finite else cosines, None, out=out, k=args.k,
+                             label="score=" if finite else "cos=")
             print(f"picture: {out}")
     return 0
