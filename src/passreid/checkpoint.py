@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from passreid._compat import safe_globals
 from passreid.errors import CheckpointError
 from passreid.models import PassViT, ReIDModel, create_model, resize_pos_embed
 from passreid.models.vit import NUM_PARTS, infer_grid
@@ -123,7 +124,7 @@ def safe_load(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        with safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))

@@ -1,10 +1,12 @@
 """ONNX export of a ReID model's test path: normalised images (B, 3, H, W) -> unit features (B, F).
 
 Uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``,
-which needs ``onnxscript``: ``pip install 'passreid[onnx]'``); the TorchScript
-exporter is deprecated since torch 2.9. The batch axis is dynamic, the image size
-is fixed at the checkpoint's (the positional embedding is made for one grid).
-The export is checked with onnxruntime against the torch model before it counts
+which needs ``onnxscript``: ``pip install 'passreid[onnx]'``) on torch 2.8 and newer;
+the TorchScript exporter is deprecated since torch 2.9. Before 2.8 ``torch.export``
+cannot keep the ViT's batch axis dynamic, so older torch uses the TorchScript
+exporter (``dynamic_axes``), which gives the same graph contract (see
+:mod:`passreid._compat`). The batch axis is dynamic, the image size is fixed
+at the checkpoint's (the positional embedding is made for one grid). The export is checked with onnxruntime against the torch model before it counts
 as done.
 
 The ONNX metadata (``metadata_props``) records what a consumer needs to feed
@@ -15,6 +17,8 @@ the graph: ``img_size``, ``mean``, ``std`` (RGB in [0, 1], then
 from __future__ import annotations
 
 import contextlib
+import inspect
+import io
 import json
 import logging
 import os
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from passreid import __version__
+from passreid import __version__, _compat
 from passreid.data.transforms import HALF
 from passreid.errors import CheckpointError, ConfigError
 
@@ -108,7 +112,8 @@ def export_onnx(
         CheckpointError: the exported graph disagrees with torch by more than ``tolerance``.
     """
     onnx = _require("onnx")
-    _require("onnxscript")
+    if _compat.DYNAMO_ONNX_EXPORT:
+        _require("onnxscript")
     if opset < DEFAULT_OPSET:
         raise ConfigError(f"opset {opset} is too old for the torch.export-based exporter; use {DEFAULT_OPSET} or newer")
     if isinstance(model_or_checkpoint, nn.Module):
@@ -123,20 +128,12 @@ def export_onnx(
     example = torch.randn(2, 3, *img_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):
         warnings.simplefilter("ignore")  # exporter chatter about decompositions is not actionable for users
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch},),
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
-    proto = program.model_proto
+        if _compat.DYNAMO_ONNX_EXPORT:
+            proto = _export_dynamo(model, example, opset)
+        else:
+            proto = onnx.load_model_from_string(_export_torchscript(model, example, opset))
     feat_dim = int(model.feat_dim)
     metadata = {
         "img_size": json.dumps(list(img_size)),
@@ -155,6 +152,43 @@ def export_onnx(
                 *img_size, OUTPUT_NAME, feat_dim)
     max_diff = verify_onnx(out, model, tolerance=tolerance) if verify else None
     return ExportReport(path=out, img_size=img_size, feat_dim=feat_dim, opset=opset, max_abs_diff=max_diff)
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> Any:
+    """The ``torch.export``-based exporter (torch 2.8+): the ``onnx.ModelProto``."""
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: batch},),
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    return program.model_proto
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    """The TorchScript exporter (torch before 2.8): the serialised model, batch axis named ``batch``."""
+    extra: dict[str, Any] = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        extra["dynamo"] = False  # torch 2.9+ defaults to the torch.export-based exporter
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (example,),
+        buffer,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=opset,
+        do_constant_folding=True,
+        verbose=False,
+        **extra,
+    )
+    return buffer.getvalue()
 
 
 @torch.no_grad()
