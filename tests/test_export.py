@@ -106,10 +106,3 @@ def test_torchscript_exporter_gives_the_same_contract(tmp_path: Path, monkeypatc
     assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, *SIZE]
     assert {p.key: p.value for p in proto.metadata_props}["feat_dim"] == "192"
 
-
-def test_torch_version_is_read_from_local_builds() -> None:
-    from passreid._compat import torch_version
-
-    assert torch_version("2.4.1+cu121") == (2, 4) and torch_version("2.14.1") == (2, 14)
-    with pytest.raises(ValueError, match="torch version"):
-        torch_version("nightly")

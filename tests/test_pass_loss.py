@@ -192,11 +192,9 @@ def _center_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_centers_are_averaged_over_processes(tmp_path) -> None:  # noqa: ANN001
+def test_centers_are_averaged_over_processes(tmp_path, spawn) -> None:  # noqa: ANN001
     """Two gloo processes with different teacher outputs end with the same center: the mean over both."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_center_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_center_worker, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     teachers = [_random_outputs(20 + rank)[1] for rank in range(2)]
     for rank in range(2):
         center = torch.load(tmp_path / f"center{rank}.pt")
