@@ -130,7 +130,7 @@ def safe_load(path: str | os.PathLike) -> Any:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if refused:
             raise CheckpointError(
-                f"{path}: weights-only loading refused the global {refused.group(1)!r}: the file pickles "
+                f"{path}: weights-only loading refused the global {_global_name(refused.group(1))!r}: the file pickles "
                 "code or a class that is not a tensor, a container or argparse.Namespace; it was not loaded"
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
@@ -143,6 +143,11 @@ def safe_load(path: str | os.PathLike) -> Any:
             f"{path} is truncated, corrupt or not a PyTorch checkpoint "
             f"({type(exc).__name__}: {_first_line(exc) or 'unexpected end of file'})"
         ) from None
+
+
+def _global_name(name: str) -> str:
+    """A refused global as torch 2.5+ names it: ``exec``, where torch 2.4 says ``builtins.exec``."""
+    return name.removeprefix("builtins.")
 
 
 def _first_line(exc: BaseException) -> str:
