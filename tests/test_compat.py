@@ -43,3 +43,16 @@ def test_hung_spawned_workers_fail_the_test_and_are_killed(tmp_path: Path, spawn
     if pid_file.exists():  # the worker got as far as writing its pid: it must be gone now
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid_file.read_text()), 0)
+
+
+def test_destroy_process_group_ends_a_gloo_group(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        total = torch.ones(3)
+        dist.all_reduce(total)
+        assert total.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        _compat.destroy_process_group()
+    assert not dist.is_initialized()
