@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
+
+SPAWN_TIMEOUT_S = 180.0
+"""How long spawned DDP workers may run before they count as hung (a normal run takes under 20 s);
+below the per-test timeout in pyproject.toml, so that the workers are killed, not left behind."""
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +24,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _spawn_and_join(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int,
+                    timeout_s: float = SPAWN_TIMEOUT_S) -> None:
+    """``mp.spawn(fn, args, nprocs)`` that cannot hang the suite.
+
+    A worker still running after ``timeout_s`` (e.g. stuck in ``destroy_process_group``,
+    seen on torch 2.5.1) fails the test, and every worker left is killed, also when
+    one raised or the test was interrupted, so none outlives the test.
+    """
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=min(5.0, max(0.1, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
+                pytest.fail(f"spawned workers {alive} still running after {timeout_s:.0f} s (hung); killed them")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+@pytest.fixture
+def spawn() -> Callable[..., None]:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes, failing instead of hanging (see ``_spawn_and_join``)."""
+    return _spawn_and_join

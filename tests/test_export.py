@@ -128,3 +128,19 @@ def test_export_command_from_a_checkpoint(tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(ConfigError, match="input_format must be one of float, uint8, normalised"):
         export_onnx(model, tmp_path / "bgr.onnx", input_format="bgr")  # type: ignore[arg-type]
     assert main(["export-onnx", str(tmp_path / "missing.pth"), str(out)]) == 2
+
+
+def test_torchscript_exporter_gives_the_same_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch before 2.8 exports with the TorchScript exporter; forced here so that every torch runs that path."""
+    from passreid import _compat
+
+    monkeypatch.setattr(_compat, "DYNAMO_ONNX_EXPORT", False)
+    model = tiny_reid(fusion="mean", neck="single", test_feature="after", neck_names="cluster")
+    report = export_onnx(model, tmp_path / "ts.onnx")  # verified with onnxruntime on batches 1 and 3
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4 and report.opset == 18
+    proto = onnx.load(str(tmp_path / "ts.onnx"))
+    assert [i.name for i in proto.graph.input] == ["images"] and [o.name for o in proto.graph.output] == ["features"]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, *SIZE]
+    assert {p.key: p.value for p in proto.metadata_props}["feat_dim"] == "192"
+

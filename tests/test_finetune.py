@@ -405,10 +405,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str, out: str) -> N
     torch.save(params, Path(out) / f"rank{rank}.pt")
 
 
-def test_two_gloo_processes_end_with_identical_weights(synth, tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(synth), str(tmp_path)), nprocs=2, join=True)
+def test_two_gloo_processes_end_with_identical_weights(synth, tmp_path, spawn):
+    spawn(_ddp_worker, (2, _free_port(), str(synth), str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     seed_everything(0)  # as rank 0 did before building the model that DDP broadcast
     initial = build_model(tiny_config(synth, tmp_path).model, num_classes=12, img_size=IMG)

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from passreid._compat import safe_globals
 from passreid.errors import CheckpointError
 from passreid.models import PassViT, ReIDModel, create_model, resize_pos_embed
 from passreid.models.vit import NUM_PARTS, infer_grid
@@ -138,13 +139,13 @@ def safe_load(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        with safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if refused:
             raise CheckpointError(
-                f"{path}: weights-only loading refused the global {refused.group(1)!r}: the file pickles "
+                f"{path}: weights-only loading refused the global {_global_name(refused.group(1))!r}: the file pickles "
                 "code or a class that is not a tensor, a container or argparse.Namespace; it was not loaded"
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
@@ -157,6 +158,11 @@ def safe_load(path: str | os.PathLike) -> Any:
             f"{path} is truncated, corrupt or not a PyTorch checkpoint "
             f"({type(exc).__name__}: {_first_line(exc) or 'unexpected end of file'})"
         ) from None
+
+
+def _global_name(name: str) -> str:
+    """A refused global as torch 2.5+ names it: ``exec``, where torch 2.4 says ``builtins.exec``."""
+    return name.removeprefix("builtins.")
 
 
 def _first_line(exc: BaseException) -> str:

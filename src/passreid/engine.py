@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from passreid._compat import destroy_process_group
 from passreid.checkpoint import build_meta, save_atomic
 from passreid.config import config_diff
 from passreid.errors import ConfigError, TrainingError
@@ -96,7 +97,7 @@ def setup_distributed(device_preference: str = "auto") -> DistInfo:
 
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        destroy_process_group()  # works around the gloo shutdown hang of torch < 2.8
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,10 +1,12 @@
 """ONNX export of a ReID model's test path: images (B, 3, H, W) -> unit features (B, F).
 
 Uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``,
-which needs ``onnxscript``: ``pip install 'passreid[onnx]'``); the TorchScript
-exporter is deprecated since torch 2.9. The batch axis is dynamic, the image size
-is fixed at the checkpoint's (the positional embedding is made for one grid).
-The export is checked with onnxruntime against the torch model before it counts
+which needs ``onnxscript``: ``pip install 'passreid[onnx]'``) on torch 2.8 and newer;
+the TorchScript exporter is deprecated since torch 2.9. Before 2.8 ``torch.export``
+cannot keep the ViT's batch axis dynamic, so older torch uses the TorchScript
+exporter (``dynamic_axes``), which gives the same graph contract (see
+:mod:`passreid._compat`). The batch axis is dynamic, the image size is fixed
+at the checkpoint's (the positional embedding is made for one grid). The export is checked with onnxruntime against the torch model before it counts
 as done.
 
 The input contract (``input_format``):
@@ -26,6 +28,8 @@ the passreid version.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import io
 import json
 import logging
 import os
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from passreid import __version__
+from passreid import __version__, _compat
 from passreid.data.transforms import HALF
 from passreid.errors import CheckpointError, ConfigError
 from passreid.features import eval_interpolation
@@ -168,7 +172,8 @@ def export_onnx(
         CheckpointError: the exported graph disagrees with torch by more than ``tolerance``.
     """
     onnx = _require("onnx")
-    _require("onnxscript")
+    if _compat.DYNAMO_ONNX_EXPORT:
+        _require("onnxscript")
     if opset < DEFAULT_OPSET:
         raise ConfigError(f"opset {opset} is too old for the torch.export-based exporter; use {DEFAULT_OPSET} or newer")
     if input_format not in INPUT_FORMATS:
@@ -187,20 +192,12 @@ def export_onnx(
                else torch.rand(2, 3, *img_size))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):
         warnings.simplefilter("ignore")  # exporter chatter about decompositions is not actionable for users
-        program = torch.onnx.export(
-            graph,
-            (example,),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch},),
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
-    proto = program.model_proto
+        if _compat.DYNAMO_ONNX_EXPORT:
+            proto = _export_dynamo(graph, example, opset)
+        else:
+            proto = onnx.load_model_from_string(_export_torchscript(graph, example, opset))
     feat_dim = int(model.feat_dim)
     resize = eval_interpolation(model)
     contract = input_contract(input_format, img_size, resize, mean, std)
@@ -230,6 +227,43 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file as a dict (what :func:`export_onnx` recorded)."""
     onnx = _require("onnx")
     return {p.key: p.value for p in onnx.load(os.fspath(path), load_external_data=False).metadata_props}
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> Any:
+    """The ``torch.export``-based exporter (torch 2.8+): the ``onnx.ModelProto``."""
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: batch},),
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    return program.model_proto
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    """The TorchScript exporter (torch before 2.8): the serialised model, batch axis named ``batch``."""
+    extra: dict[str, Any] = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        extra["dynamo"] = False  # torch 2.9+ defaults to the torch.export-based exporter
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (example,),
+        buffer,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=opset,
+        do_constant_folding=True,
+        verbose=False,
+        **extra,
+    )
+    return buffer.getvalue()
 
 
 @torch.no_grad()
