@@ -29,11 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from passreid.data.datasets import ImageRecord, ReIDDataset
-from passreid.data.images import ImageDataset
-from passreid.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
+from passreid.data.datasets import ReIDDataset
+from passreid.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from passreid.models.vit import NUM_PARTS, PassViT
 
 logger = logging.getLogger(__name__)
@@ -117,37 +115,38 @@ class RetrievalMonitor:
             step = len(train) / max_train
             train = [train[int(i * step)] for i in range(max_train)]
         self.train = train
-        self.transform = build_test_transform(self.img_size, mean, std)
-
-    @torch.no_grad()
-    def _extract(self, backbone: PassViT, records: Sequence[ImageRecord], mode: str) -> Tensor:
-        loader = DataLoader(ImageDataset(list(records), transform=self.transform), batch_size=self.batch_size,
-                            shuffle=False, num_workers=self.num_workers)
-        chunks = [frozen_feature(backbone, images.to(self.device), mode).float().cpu() for images, *_ in loader]
-        return torch.cat(chunks)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     @torch.no_grad()
     def __call__(self, backbone: nn.Module, mode: str = "pass") -> dict[str, float]:
         """Metrics of ``backbone`` (a :class:`PassViT`, evaluated in eval mode and put back as it was):
         ``mAP``, ``mINP``, ``rank1/5/10``, ``knn_top1`` (all fractions)."""
-        from passreid.evaluation import evaluate
-        from passreid.features import metrics_record
+        from passreid.features import evaluate_features, extract_features, metrics_record
 
-        was_training = backbone.training
-        backbone.eval()
-        try:
-            query = self._extract(backbone, self.dataset.query, mode)
-            gallery = self._extract(backbone, self.dataset.gallery, mode)
-            train = self._extract(backbone, self.train, mode) if self.train else None
-        finally:
-            backbone.train(was_training)
-        q, g = self.dataset.query, self.dataset.gallery
-        metrics = evaluate(query, gallery, torch.tensor([r.pid for r in q]), torch.tensor([r.pid for r in g]),
-                           torch.tensor([r.camid for r in q]), torch.tensor([r.camid for r in g]))
-        record = metrics_record(metrics)
-        if train is not None:
-            record["knn_top1"] = knn_accuracy(train, torch.tensor([r.pid for r in self.train]), k=self.knn_k)
+        model = FrozenFeature(backbone, mode).train(backbone.training)
+        kwargs: dict[str, Any] = dict(img_size=self.img_size, batch_size=self.batch_size,
+                                      num_workers=self.num_workers, device=self.device, mean=self.mean,
+                                      std=self.std, interpolation="bicubic")
+        query = extract_features(model, self.dataset.query, **kwargs)
+        gallery = extract_features(model, self.dataset.gallery, **kwargs)
+        record = metrics_record(evaluate_features(query, gallery))
+        if self.train:
+            train = extract_features(model, self.train, **kwargs)
+            record["knn_top1"] = knn_accuracy(torch.from_numpy(train.features), torch.from_numpy(train.pids),
+                                              k=self.knn_k)
         return record
+
+
+class FrozenFeature(nn.Module):
+    """A backbone seen through :func:`frozen_feature`: what :func:`passreid.features.extract_features` runs."""
+
+    def __init__(self, backbone: nn.Module, mode: str = "pass") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.mode = mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return frozen_feature(self.backbone, x, self.mode)
 
 
 def collapse_warning(entropy: float, usage_entropy: float, out_dim: int) -> str | None:
