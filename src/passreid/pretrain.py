@@ -952,11 +952,12 @@ def pass_pretrain_stage(ctx: DemoContext) -> list[StageResult]:
         raise TrainingError("demo pretraining stopped before the end")
     ctx.state["pretrained_backbone"] = result["backbone"]
     pretrain_seconds = time.perf_counter() - start
-    watched = [r for r in RunDir(run_path).read_metrics() if "mAP" in r]
+    last = result["metrics"]  # the last epoch's record, with the monitor's figures (eval.every = DEMO_EPOCHS)
+    before = RunDir(run_path).read_metrics()[0]  # epoch 0: the random-init teacher
     logger.info("demo pretraining: %.0f s, last loss %.4f; frozen features on the source test set: mAP %.1f%% "
-                "before, %.1f%% after", pretrain_seconds, result["metrics"].get("loss", math.nan),
-                100 * watched[0]["mAP"], 100 * watched[-1]["mAP"])
-    after = {"mAP": watched[-1]["mAP"], "cmc": [watched[-1]["rank1"]], "mINP": watched[-1]["mINP"]}
+                "before, %.1f%% after", pretrain_seconds, last.get("loss", math.nan), 100 * before["mAP"],
+                100 * last["mAP"])
+    after = {"mAP": last["mAP"], "cmc": [last["rank1"]], "mINP": last["mINP"]}
     frozen = result_from_metrics("pass-pretrain (frozen)", after, pretrain_seconds)
     stage = finetune_for_demo(ctx, "pass-pretrain+finetune", pretrained=str(result["backbone"]))
     return [frozen, stage]

@@ -403,9 +403,12 @@ def _occluder(img: np.ndarray, rng: np.random.Generator, style: DomainStyle) -> 
 
 
 def render_image(person: Person, cam: Camera, style: DomainStyle, size: tuple[int, int],
-                 rng: np.random.Generator) -> np.ndarray:
-    """One detection crop of ``person`` seen by ``cam``: uint8 ``(H, W, 3)``."""
-    img = _background(cam, size[0], size[1], rng)
+                 rng: np.random.Generator, background: np.ndarray | None = None) -> np.ndarray:
+    """One detection crop of ``person`` seen by ``cam``: uint8 ``(H, W, 3)``.
+
+    ``background``: a float ``(H, W, 3)`` scene to paint over (modified) instead of ``cam``'s own.
+    """
+    img = _background(cam, size[0], size[1], rng) if background is None else background
     draw_person(img, person, cam, rng)
     if rng.random() < 0.15:
         _occluder(img, rng, style)
@@ -587,7 +590,7 @@ def generate_pool(
     of one part of the image then shows another background than a crop of
     another part, and only the person is common to all crops of an image. With
     one scene per image, self-distillation can match any two crops of an image
-    by their common background, and learns backgrounds instead of people.
+    by their common background without looking at the person.
 
     Args:
         out: folder to create; images are ``PPPPPP_K.jpg`` (person, image), which
@@ -612,19 +615,17 @@ def generate_pool(
     size = (int(img_size[0]), int(img_size[1]))
     styles = [DOMAINS[d] for d in domains]
     paths: list[Path] = []
-    for person_index in range(-(-num_images // images_per_person)):
+    num_people = -(-num_images // images_per_person)
+    for person_index in range(num_people):
         rng = np.random.default_rng([seed, 6, person_index])
         person = random_person(rng, styles[int(rng.integers(len(styles)))])
         for k in range(min(images_per_person, num_images - len(paths))):
             style = styles[int(rng.integers(len(styles)))]
             cam = random_camera(rng, style)
-            img = cluttered_background(size, rng, styles) if clutter else _background(cam, size[0], size[1], rng)
-            draw_person(img, person, cam, rng)
-            if rng.random() < 0.15:
-                _occluder(img, rng, style)
+            background = cluttered_background(size, rng, styles) if clutter else None
             path = out / f"{person_index:06d}_{k}.jpg"
-            Image.fromarray(_finish(img, cam, rng)).save(path, quality=jpeg_quality)
+            Image.fromarray(render_image(person, cam, style, size, rng, background)).save(path, quality=jpeg_quality)
             paths.append(path)
     logger.info("wrote an unlabeled pool of %d images (%d people, a scene per image) to %s", len(paths),
-                -(-num_images // images_per_person), out)
+                num_people, out)
     return paths
