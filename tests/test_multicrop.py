@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -361,3 +363,44 @@ def test_geometric_only_spec_leaves_pixels_untouched() -> None:
                                                 bool(flips[0]), spec.global_size)).float() / 255
     normalised = (expected - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
     torch.testing.assert_close(views[0], normalised, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- colour-cast jitter
+
+
+def test_cast_off_keeps_the_published_random_stream() -> None:
+    """Recipes without the cast jitter draw exactly what they drew before it existed."""
+    blur_p, solar_p = torch.full((6,), 0.5), torch.full((6,), 0.2)
+    plain = sample_photometric(SPEC, 6, blur_p, solar_p, torch.Generator().manual_seed(3))
+    cast = sample_photometric(replace(SPEC, cast=0.3), 6, blur_p, solar_p,
+                              torch.Generator().manual_seed(3))
+    assert plain.cast is None
+    for key in ("factors", "order", "jitter", "gray", "blur", "sigma", "solarize"):
+        assert torch.equal(getattr(plain, key), getattr(cast, key)), key
+    assert cast.cast.shape == (6, 3) and 0.7 <= float(cast.cast.min()) and float(cast.cast.max()) <= 1.3
+
+
+def test_batched_cast_multiplies_each_channel_by_its_gain() -> None:
+    x = torch.rand(2, 3, 8, 4, generator=torch.Generator().manual_seed(4)) * 0.6
+    off = torch.zeros(2, dtype=torch.bool)
+    params = sample_photometric(SPEC, 2, torch.zeros(2), torch.zeros(2))
+    params.jitter, params.gray, params.blur, params.solarize = off, off, off, off
+    params.cast = torch.tensor([[1.2, 1.0, 0.8], [0.9, 1.1, 1.3]])
+    torch.testing.assert_close(photometric(x, params), (x * params.cast[:, :, None, None]).clamp(0, 1))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_cast_gives_each_view_its_own_channel_gains(backend: str) -> None:
+    """A grey image comes out tinted, differently per view, within [1 - cast, 1 + cast] per channel."""
+    torch.manual_seed(12)
+    spec = replace(MultiCropSpec(global_size=(32, 16), local_size=(16, 8)).geometric_only(), cast=0.25)
+    multicrop = build_multicrop(backend, spec, (H, W))
+    grey = Image.fromarray(np.full((H, W, 3), 128, np.uint8))
+    samples = [(multicrop.image_transform()(grey), -1, -1, i) for i in range(4)]
+    views = multicrop.views(multicrop.collate(samples), torch.device("cpu"))
+    mean, std = torch.tensor(spec.mean).view(1, 1, 3), torch.tensor(spec.std).view(1, 1, 3)
+    pixels = views.global_views.mean(dim=(3, 4)) * std + mean  # (2, B, 3) in [0, 1]
+    gains = pixels / (128 / 255)
+    assert float(gains.min()) >= 0.75 - 0.01 and float(gains.max()) <= 1.25 + 0.01
+    assert float(gains.std(dim=2).mean()) > 0.03  # tinted, not only brighter or darker
+    assert float((gains[0] - gains[1]).abs().mean()) > 0.03  # the two views of one image disagree

@@ -118,7 +118,8 @@ class AugConfig:
     memory); ``cpu`` makes them with PIL in the workers from the image as it is.
 
     ``jitter`` (brightness, contrast, saturation, hue), ``jitter_p`` and ``gray_p`` are the colour
-    augmentation, the published DINO values by default."""
+    augmentation, the published DINO values by default; ``cast`` adds a per-channel gain jitter
+    (each view's R, G, B times a factor in [1 - cast, 1 + cast]; 0 as published)."""
 
     backend: str = "gpu"
     decode_size: list[int] = field(default_factory=lambda: [512, 256])
@@ -129,6 +130,7 @@ class AugConfig:
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     jitter_p: float = 0.8
     gray_p: float = 0.2
+    cast: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("aug.backend", self.backend, ("cpu", "gpu"))
@@ -145,6 +147,8 @@ class AugConfig:
         for key in ("jitter_p", "gray_p"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"config key 'aug.{key}': {getattr(self, key)} must be a probability in [0, 1]")
+        if not 0.0 <= self.cast < 1.0:
+            raise ConfigError(f"config key 'aug.cast': {self.cast} must be in [0, 1)")
 
 
 @dataclass
@@ -255,6 +259,7 @@ class PretrainConfig:
             jitter=(self.aug.jitter[0], self.aug.jitter[1], self.aug.jitter[2], self.aug.jitter[3]),
             jitter_p=self.aug.jitter_p,
             gray_p=self.aug.gray_p,
+            cast=self.aug.cast,
         )
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
@@ -64,6 +65,10 @@ class MultiCropSpec:
         flip_p: horizontal flip probability.
         jitter: colour jitter strengths (brightness, contrast, saturation, hue).
         jitter_p, gray_p: probabilities of colour jitter and of grayscale.
+        cast: colour-cast jitter: after the colour jitter, every view's R, G and B are multiplied by
+            their own factor drawn from [1 - cast, 1 + cast] (0: off, as published). It makes the crops
+            of one image disagree on the camera's colour cast, which is otherwise a shortcut for
+            matching them, without rotating hues the way the hue jitter does.
         global_blur_p: blur probability of global view 1 and 2; local_blur_p of the locals.
         global_solarize_p: solarisation probability of global view 1 and 2.
         blur_sigma: range of the Gaussian blur standard deviation, in output pixels.
@@ -81,6 +86,7 @@ class MultiCropSpec:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     jitter_p: float = 0.8
     gray_p: float = 0.2
+    cast: float = 0.0
     global_blur_p: tuple[float, float] = (1.0, 0.1)
     local_blur_p: float = 0.5
     global_solarize_p: tuple[float, float] = (0.0, 0.2)
@@ -98,7 +104,7 @@ class MultiCropSpec:
 
     def geometric_only(self) -> MultiCropSpec:
         """The same crops with every photometric step switched off (for tests and pictures)."""
-        return replace(self, jitter_p=0.0, gray_p=0.0, global_blur_p=(0.0, 0.0), local_blur_p=0.0,
+        return replace(self, jitter_p=0.0, gray_p=0.0, cast=0.0, global_blur_p=(0.0, 0.0), local_blur_p=0.0,
                        global_solarize_p=(0.0, 0.0))
 
 
@@ -231,6 +237,7 @@ class PhotometricParams:
 
     ``order`` is a permutation of the four jitter ops (0 brightness, 1 contrast,
     2 saturation, 3 hue) per view: torchvision applies them in random order.
+    ``cast`` (N, 3) per-channel gains, or None when the spec has no colour-cast jitter.
     """
 
     jitter: Tensor
@@ -240,6 +247,7 @@ class PhotometricParams:
     blur: Tensor
     sigma: Tensor
     solarize: Tensor
+    cast: Tensor | None = None
 
 
 def sample_photometric(
@@ -253,8 +261,10 @@ def sample_photometric(
     order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)
     u = torch.rand(n, 4, generator=generator)
     sigma = torch.empty(n).uniform_(spec.blur_sigma[0], spec.blur_sigma[1], generator=generator)
+    # Drawn last and only when asked for, so that recipes without it keep their random stream.
+    cast = 1 - spec.cast + 2 * spec.cast * torch.rand(n, 3, generator=generator) if spec.cast > 0 else None
     return PhotometricParams(jitter=u[:, 0] < spec.jitter_p, factors=factors, order=order, gray=u[:, 1] < spec.gray_p,
-                             blur=u[:, 2] < blur_p, sigma=sigma, solarize=u[:, 3] < solarize_p)
+                             blur=u[:, 2] < blur_p, sigma=sigma, solarize=u[:, 3] < solarize_p, cast=cast)
 
 
 # ----------------------------------------------------------------------------- batched tensor ops
@@ -427,7 +437,7 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
 
 
 def photometric(x: Tensor, params: PhotometricParams) -> Tensor:
-    """Colour jitter (random op order), grayscale, blur and solarise (N, 3, H, W) in [0, 1] per image.
+    """Colour jitter (random op order), colour cast, grayscale, blur and solarise (N, 3, H, W) in [0, 1] per image.
 
     ``params`` live on the CPU; the groups of images each op applies to are
     computed there and sent in three copies, so nothing waits for the device.
@@ -452,6 +462,8 @@ def photometric(x: Tensor, params: PhotometricParams) -> Tensor:
                 idx = sorted_dev[slot, start:start + count]
                 x[idx] = fn(x[idx], factors[idx, op])
             start += count
+    if params.cast is not None:
+        x = (x * to_device(params.cast.to(x.dtype), device).view(n, 3, 1, 1)).clamp_(0.0, 1.0)
     gray = masks[:, 0].view(n, 1, 1, 1) > 0
     x = torch.where(gray, rgb_to_gray(x).expand_as(x), x)
     if bool(params.blur.any()):
@@ -493,6 +505,8 @@ class CPUMultiCrop(MultiCrop):
     def __init__(self, spec: MultiCropSpec) -> None:
         super().__init__(spec)
         jitter = v2.RandomApply([v2.ColorJitter(*spec.jitter)], p=spec.jitter_p)
+        if spec.cast > 0:
+            jitter = v2.Compose([jitter, _PILChannelGain(spec.cast)])
         gray = v2.RandomGrayscale(p=spec.gray_p)
         to_tensor = v2.Compose([
             v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std)),
@@ -552,6 +566,18 @@ class _PILGaussianBlur:
             return image
         radius = float(torch.empty(()).uniform_(*self.sigma))
         return image.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+class _PILChannelGain:
+    """Colour-cast jitter: R, G and B each multiplied by a factor uniform in [1 - amount, 1 + amount]."""
+
+    def __init__(self, amount: float) -> None:
+        self.amount = amount
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        gains = (1 - self.amount + 2 * self.amount * torch.rand(3)).numpy()
+        pixels = np.asarray(image, dtype=np.float32) * gains
+        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
 class DecodedBatch(NamedTuple):
@@ -664,7 +690,8 @@ class BatchedMultiCrop(MultiCrop):
 
 
 def _slice_params(params: PhotometricParams, start: int, stop: int) -> PhotometricParams:
-    return PhotometricParams(**{k: getattr(params, k)[start:stop] for k in params.__dataclass_fields__})
+    fields = {k: getattr(params, k) for k in params.__dataclass_fields__}
+    return PhotometricParams(**{k: None if v is None else v[start:stop] for k, v in fields.items()})
 
 
 def build_multicrop(backend: str, spec: MultiCropSpec, max_size: tuple[int, int] | None = (512, 256)) -> MultiCrop:
