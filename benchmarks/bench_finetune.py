@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from passreid.engine import make_grad_scaler, resolve_precision
+from passreid.runtime import make_grad_scaler, resolve_precision
 from passreid.finetune import OptimConfig, build_optimizer, train_one_epoch
 from passreid.losses.reid import ReIDLoss
 from passreid.models import ReIDModel, create_model

@@ -58,7 +58,7 @@ def make_data(work: Path, pool_images: int, quick: bool) -> tuple[Path, Path]:
 def pretrain(arm: str, seed: int, pool: Path, work: Path, overrides: list[str]) -> Path:
     """Run ``passreid pretrain`` (in process) with the small-scale recipe; returns the exported backbone."""
     from passreid.config import load_config
-    from passreid.engine import cores_beside_workers
+    from passreid.runtime import cores_beside_workers
     from passreid.pretrain import PretrainConfig, run_pretrain
 
     cfg = load_config(PretrainConfig, RECIPE, [f"data.root={pool}", f"model.mode={arm}", f"run.seed={seed}",
@@ -85,12 +85,13 @@ def finetune(arm: str, seed: int, backbone_path: Path | None, labelled: Path, wo
              epochs: int | None) -> dict[str, float]:
     """The demo's short fine-tuning on the labelled train split, evaluated on its query/gallery."""
     from passreid.demo import DemoContext
-    from passreid.engine import cores_beside_workers
-    from passreid.finetune import demo_config, run_finetune
+    from passreid.runtime import cores_beside_workers
+    from passreid.demo import finetune_config
+    from passreid.finetune import run_finetune
 
     ctx = DemoContext(workdir=work, source_root=labelled, target_root=labelled, device=torch.device("cpu"),
                       seed=seed)
-    cfg = demo_config(ctx, f"finetune-{arm}-{seed}", pretrained=str(backbone_path or ""))
+    cfg = finetune_config(ctx, f"finetune-{arm}-{seed}", pretrained=str(backbone_path or ""))
     if epochs is not None:
         cfg.run.epochs = cfg.run.eval_every = epochs
     with cores_beside_workers(cfg.data.num_workers, cfg.run.device):

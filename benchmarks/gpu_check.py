@@ -358,7 +358,7 @@ def nccl_worker() -> None:
     import torch
     import torch.distributed as dist
 
-    from passreid.engine import agree_across_ranks, autocast, resolve_precision, setup_distributed
+    from passreid.runtime import agree_across_ranks, autocast, resolve_precision, setup_distributed
     from passreid.models import ReIDModel, create_model
 
     dist.init_process_group("nccl")

@@ -1140,8 +1140,7 @@ def test_ctrl_c_during_the_demo_is_one_line_naming_the_work_folder(
         demo.raise_if_stopped({"stopped": True, "metrics": {}})  # what a training stage sees after Ctrl-C
         return []
 
-    monkeypatch.setattr(demo, "_STAGES", [(0, "stopped", stopped_stage)])
-    monkeypatch.setattr(demo, "STAGE_MODULES", ())
+    monkeypatch.setattr(demo, "DEMO_STAGES", [("stopped", stopped_stage)])
     workdir = tmp_path / "demo"
     assert cli_main(["demo", "--device", "cpu", "--workdir", str(workdir)]) == 130
     assert _error_lines(capsys) == [

@@ -159,7 +159,7 @@ def test_each_recipe_resolves_to_its_published_precision(caplog):
                 assert cfg.test.precision == "fp32"
     assert load_config(ClusterConfig, None).run.precision == "fp32"
     assert engine.resolve_precision("bf16", gpu) == "bf16"  # kept as an option
-    with caplog.at_level("WARNING", logger="passreid.engine"):
+    with caplog.at_level("WARNING", logger="passreid.runtime"):
         assert engine.resolve_precision("fp16", cpu) == "fp32"
     assert "GPU-only" in caplog.text and "fp32" in caplog.text
 

@@ -153,11 +153,11 @@ def test_every_recipe_loads_and_names_its_published_numbers(recipe):
 
 def test_tiny_cpu_recipe_is_the_demo_fine_tuning(tmp_path):
     """configs/finetune/tiny_cpu.yaml trains as the demo's finetune stage does, so its numbers carry over."""
-    from passreid.demo import DemoContext
+    from passreid.demo import DemoContext, finetune_config
 
     recipe = load_config(FinetuneConfig, CONFIGS / "tiny_cpu.yaml")
     ctx = DemoContext(workdir=tmp_path, source_root=tmp_path, target_root=tmp_path, device=torch.device("cpu"))
-    demo = finetune.demo_config(ctx, "finetune")
+    demo = finetune_config(ctx, "finetune")
     for section in ("model", "optim", "loss", "test"):
         assert getattr(recipe, section) == getattr(demo, section), section
     assert (recipe.data.img_size, recipe.data.num_workers) == (demo.data.img_size, demo.data.num_workers)

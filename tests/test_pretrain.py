@@ -342,10 +342,10 @@ def test_recipes_load_and_demo_recipe_matches_the_demo_stage(tmp_path: Path) -> 
     assert small.run.epochs == 100 and small.model.out_dim == 65536 and small.optim.lr == 5e-4
     assert dino.model.mode == "dino" and dino.multicrop_spec().banded is False
     demo_yaml = load_config(PretrainConfig, REPO / "configs/pretrain/demo_tiny.yaml")
-    from passreid.demo import DemoContext
+    from passreid.demo import DemoContext, pretrain_config
 
     ctx = DemoContext(workdir=tmp_path, source_root=tmp_path, target_root=tmp_path, device=torch.device("cpu"))
-    demo = pretrain.demo_config(ctx, tmp_path / "run")
+    demo = pretrain_config(ctx, tmp_path / "run")
     for section in ("model", "aug", "optim", "loss"):
         assert getattr(demo, section) == getattr(demo_yaml, section), section
     assert demo.data.img_size == demo_yaml.data.img_size and demo.data.batch_size == demo_yaml.data.batch_size

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from passreid.demo import DemoContext
+from passreid.demo import DemoContext, visualize_stage
 from passreid.evaluation import evaluate
 from passreid.models import ReIDModel, create_model
 from passreid.visualize import (
@@ -25,7 +25,6 @@ from passreid.visualize import (
     plot_cmc,
     rank_queries,
     ranked_list_grid,
-    visualize_stage,
     worst_queries,
 )
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from passreid.data.images import read_image
 from passreid.data.transforms import HALF, build_test_transform
 from passreid.features import eval_interpolation
-from passreid.engine import autocast, resolve_device, resolve_precision
+from passreid.runtime import autocast, resolve_device, resolve_precision
 from passreid.errors import DatasetError
 from passreid.models import PassViT, ReIDModel
 from passreid.search import Gallery, SearchResult

@@ -29,7 +29,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 from passreid._compat import safe_globals
 from passreid.errors import CheckpointError
+from passreid.fileio import atomic_write, write_text_atomic
 from passreid.models import PassViT, ReIDModel, create_model, resize_pos_embed
 from passreid.models.vit import NUM_PARTS, infer_grid
 
@@ -78,24 +78,21 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"cannot write {path}: {exc.strerror or exc}; the previous {path.name}, if any, is unchanged"
-            ) from exc
-        raise
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot write {path}: {exc.strerror or exc}; the previous {path.name}, if any, is unchanged"
+        ) from exc
+
+
+def write_export(state: dict[str, torch.Tensor], path: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
+    """Write an export: the plain state dict ``state`` to ``path`` and ``sidecar`` as JSON beside it
+    (``path`` with suffix ``.json``), both atomically; returns ``path``."""
+    path = Path(path)
+    save_atomic(state, path)
+    write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=2, default=str) + "\n")
+    return path
 
 
 def build_meta(fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:

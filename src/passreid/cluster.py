@@ -34,40 +34,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from passreid.config import (
-    DataConfig,
-    ModelConfig,
-    RunConfig,
-    check_choice,
-    check_positive,
-    config_to_dict,
-    config_to_yaml,
-)
+from passreid.config import DataConfig, ModelConfig, RunConfig, check_choice, check_positive
 from passreid.data.datasets import ImageRecord
-from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, register_demo_stage, result_from_metrics
-from passreid.demo import raise_if_stopped
-from passreid.engine import (
+from passreid.runtime import (
     DistInfo,
-    GracefulStop,
-    RunDir,
+    agree_across_ranks,
     autocast,
-    check_resume_fingerprint,
-    cleanup_distributed,
-    cores_beside_workers,
     explain_oom,
-    load_training_checkpoint,
-    loss_is_finite,
     make_grad_scaler,
-    open_resume_checkpoint,
     resolve_precision,
-    restore_training_state,
-    save_training_checkpoint,
-    seed_everything,
-    setup_distributed,
     unwrap,
 )
 from passreid.errors import ConfigError, DatasetError, TrainingError
 from passreid.models import ReIDModel
+from passreid.training.run import GracefulStop, MeanStats, TrainingRun, describe, loss_is_finite
 
 logger = logging.getLogger(__name__)
 
@@ -416,15 +396,6 @@ def _gather(tensor: Tensor, world_size: int) -> Tensor:
     return torch.cat(parts)
 
 
-def _any_rank(flag: bool, device: torch.device, world_size: int) -> bool:
-    """True when ``flag`` is set on at least one rank, so that all ranks take the same branch."""
-    if world_size == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
-
-
 def train_one_epoch(
     model: nn.Module,
     memory: ClusterMemory,
@@ -452,16 +423,17 @@ def train_one_epoch(
         stop: a graceful-stop flag; a request ends the epoch after the current step.
 
     Returns:
-        ``{"loss", "lr", "iters", "stopped"}``: mean loss over the steps taken,
-        the learning rate used, the number of steps taken, and whether a stop
-        request cut the epoch short.
+        ``{"loss", "lr", "iters", "stopped"}``: the mean of each loss term over the steps
+        taken (none without a step), the learning rate used, the number of steps taken,
+        and whether a stop request cut the epoch short (a request during the last step
+        does not: the epoch is complete).
 
     Under DDP each rank computes the loss on its own share of the batch, and
     the memory is updated with the features of all ranks so that it stays the
     same everywhere.
     """
     model.train()
-    total, done, stopped = 0.0, 0, False
+    sums, stopped = MeanStats(), False
     for step in range(1, iters + 1):
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -471,11 +443,10 @@ def train_one_epoch(
                 feats = model(images).neck_feat
             feats = feats.float()
             loss = memory(feats, labels)
-            # Every rank must agree on skipping, or DDP would wait forever for the skipped backward.
-            check = loss.detach().clone()
-            if world_size > 1:
-                dist.all_reduce(check)
-            finite = loss_is_finite(check, step=step, epoch=epoch, last_checkpoint=last_checkpoint,
+            # Every rank must agree on skipping, or DDP would wait forever for the skipped backward;
+            # the same all-reduce says whether any rank was asked to stop.
+            mean_loss, stop_now = agree_across_ranks(loss, stop)
+            finite = loss_is_finite(mean_loss, step=step, epoch=epoch, last_checkpoint=last_checkpoint,
                                     skip=skip_nonfinite)
             optimizer.zero_grad(set_to_none=True)
             if finite:
@@ -484,14 +455,13 @@ def train_one_epoch(
                 scaler.update()
         if finite:
             memory.update(_gather(feats.detach(), world_size), _gather(labels, world_size))
-            total += loss.item()
-            done += 1
-        if step % log_every == 0 and done:
-            logger.info("epoch %d step %d/%d: loss %.4f", epoch, step, iters, total / done)
-        if stop is not None and _any_rank(stop.requested, device, world_size):
-            stopped = True
+            sums.add({"loss": loss.detach().double().cpu()})
+        if step % log_every == 0 and sums.count:
+            logger.info("epoch %d step %d/%d: %s", epoch, step, iters, describe(sums.means()))
+        if stop_now:
+            stopped = step < iters
             break
-    return {"loss": total / max(done, 1), "lr": optimizer.param_groups[0]["lr"], "iters": done, "stopped": stopped}
+    return {**sums.means(), "lr": optimizer.param_groups[0]["lr"], "iters": sums.count, "stopped": stopped}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -599,18 +569,14 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
     """
     from passreid.data.datasets import build_dataset, dataset_fingerprint
     from passreid.features import evaluate_model, metrics_record
-    from passreid.engine import export_model
 
     check_choice("mode", mode, MODES)
-    info = setup_distributed(cfg.run.device)
-    try:
-        seed_everything(cfg.run.seed, info.rank)
-        run_dir = RunDir(cfg.run.output_dir, is_main=info.is_main)
-        config = config_to_dict(cfg)
+    with TrainingRun(cfg, resume=resume, force=force_resume) as run:
+        info = run.info
         dataset = build_dataset(cfg.data.dataset, cfg.data.root)
         if not dataset.train:
             raise DatasetError(f"{cfg.data.root}: the train split of {cfg.data.dataset} is empty")
-        fingerprint = dataset_fingerprint(dataset.train)
+        run.check_data(dataset_fingerprint(dataset.train))
         precision = resolve_precision(cfg.run.precision, info.device)
 
         model = build_cluster_model(cfg.model, cfg.data.img_size, mode=mode,
@@ -618,175 +584,66 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.optim.step_size, gamma=cfg.optim.gamma)
         scaler = make_grad_scaler(precision, info.device)
-
-        start_epoch, best = 1, {"mAP": -1.0, "epoch": 0}
-        ckpt, resume_path = open_resume_checkpoint(resume, run_dir, config, force_resume)
-        if ckpt is not None:
-            check_resume_fingerprint(ckpt, fingerprint, resume_path, force_resume)
-            start_epoch = restore_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
-                                                 scaler=scaler)
-            best = dict(ckpt.get("best", best))
-            run_dir.truncate_metrics(start_epoch - 1)
-            logger.info("resumed from %s at epoch %d (pseudo labels are recomputed)", resume_path, start_epoch)
-        else:
-            if run_dir.last.exists():
-                logger.warning("%s holds an earlier run: starting afresh over it (pass --resume to continue it)",
-                               run_dir.path)
-            run_dir.truncate_metrics(0)
-        run_dir.write_config(config_to_yaml(cfg))
-
-        train_model: nn.Module = model
-        if info.distributed:
-            train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        state = run.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        if run.resumed:
+            logger.info("pseudo labels are recomputed from the restored model")
+        train_model = run.wrap(model)
 
         iters = cfg.optim.iters
         if cfg.run.max_iters_per_epoch:
             iters = min(iters, cfg.run.max_iters_per_epoch)
-        if cfg.cluster.calibrate_necks and start_epoch == 1:
+        if cfg.cluster.calibrate_necks and state.epoch == 0:
             calibrate_necks(model, _plain_loader(dataset.train[info.rank::info.world_size], cfg), info.device,
                             precision, info.world_size)
         metrics: dict[str, Any] = {}
-        stopped = False
-        with GracefulStop() as stop:
-            for epoch in range(start_epoch, cfg.run.epochs + 1):
-                t0 = time.perf_counter()
-                features = _extract_all(train_model, dataset.train, cfg, info, precision)
-                labels = None
+        for epoch in run.epochs():
+            features = _extract_all(train_model, dataset.train, cfg, info, precision)
+            labels = None
+            if info.is_main:
+                labels = pseudo_labels(features, cfg.cluster.eps, cfg.cluster.min_samples, cfg.cluster.k1,
+                                       cfg.cluster.k2, search=cfg.cluster.search, device=info.device)
+            labels = _broadcast_labels(labels, info)
+            stats = cluster_stats(labels)
+            if stats["num_clusters"] < max(2, info.world_size):  # a contrast needs two clusters per batch
+                raise TrainingError(
+                    f"epoch {epoch}: DBSCAN (eps {cfg.cluster.eps}, min_samples {cfg.cluster.min_samples}) "
+                    f"found {stats['num_clusters']} cluster(s) among {len(labels)} images, too few for cluster "
+                    f"contrast on {info.world_size} process(es); raise cluster.eps or start from a better "
+                    "model.pretrained")
+            memory = ClusterMemory.from_features(
+                torch.from_numpy(features).to(info.device), torch.from_numpy(labels).to(info.device),
+                temp=cfg.cluster.temp, momentum=cfg.cluster.momentum, mode=cfg.cluster.memory_mode)
+            labelled = [ImageRecord(r.path, int(y), r.camid) for r, y in zip(dataset.train, labels) if y >= 0]
+            batches = _endless_batches(labelled, cfg, info, epoch)
+            train_stats = train_one_epoch(
+                train_model, memory, batches, optimizer, scaler, iters=iters, epoch=epoch, device=info.device,
+                precision=precision, world_size=info.world_size, log_every=cfg.run.log_every,
+                last_checkpoint=run.last, skip_nonfinite=cfg.run.skip_nonfinite, stop=run.stop)
+            batches.close()
+            if train_stats["stopped"]:
+                # The epoch is cut short: store the weights as they are, but as of the previous
+                # epoch, so that a resume reruns this epoch with fresh pseudo labels.
+                run.interrupt(epoch, 0, note=f"; `--resume` reruns epoch {epoch}")
+                continue
+            scheduler.step()
+            record: dict[str, Any] = {"epoch": epoch, **stats,
+                                      **{k: v for k, v in train_stats.items() if k != "stopped"}}
+            if run.eval_due(epoch):
                 if info.is_main:
-                    labels = pseudo_labels(features, cfg.cluster.eps, cfg.cluster.min_samples, cfg.cluster.k1,
-                                           cfg.cluster.k2, search=cfg.cluster.search, device=info.device)
-                labels = _broadcast_labels(labels, info)
-                stats = cluster_stats(labels)
-                if stats["num_clusters"] < max(2, info.world_size):  # a contrast needs two clusters per batch
-                    raise TrainingError(
-                        f"epoch {epoch}: DBSCAN (eps {cfg.cluster.eps}, min_samples {cfg.cluster.min_samples}) "
-                        f"found {stats['num_clusters']} cluster(s) among {len(labels)} images, too few for cluster "
-                        f"contrast on {info.world_size} process(es); raise cluster.eps or start from a better "
-                        "model.pretrained")
-                memory = ClusterMemory.from_features(
-                    torch.from_numpy(features).to(info.device), torch.from_numpy(labels).to(info.device),
-                    temp=cfg.cluster.temp, momentum=cfg.cluster.momentum, mode=cfg.cluster.memory_mode)
-                labelled = [ImageRecord(r.path, int(y), r.camid) for r, y in zip(dataset.train, labels) if y >= 0]
-                batches = _endless_batches(labelled, cfg, info, epoch)
-                train_stats = train_one_epoch(
-                    train_model, memory, batches, optimizer, scaler, iters=iters, epoch=epoch, device=info.device,
-                    precision=precision, world_size=info.world_size, log_every=cfg.run.log_every,
-                    last_checkpoint=run_dir.last, skip_nonfinite=cfg.run.skip_nonfinite, stop=stop)
-                batches.close()
-                if train_stats["stopped"]:
-                    # The epoch is cut short: store the weights as they are, but as of the
-                    # previous epoch, so that a resume reruns this epoch with fresh pseudo labels.
-                    if info.is_main:
-                        save_training_checkpoint(run_dir.last, model=model, optimizer=optimizer, scheduler=scheduler,
-                                                 scaler=scaler, epoch=epoch - 1, config=config,
-                                                 fingerprint=fingerprint, extra={"best": best})
-                    logger.warning("stopped in epoch %d after %d steps; %s holds the weights, `--resume` reruns "
-                                   "epoch %d", epoch, train_stats["iters"], run_dir.last, epoch)
-                    stopped = True
-                    break
-                scheduler.step()
-                record: dict[str, Any] = {"epoch": epoch, **stats, "loss": train_stats["loss"],
-                                          "lr": train_stats["lr"], "iters": train_stats["iters"]}
-                if epoch % cfg.run.eval_every == 0 or epoch == cfg.run.epochs:
-                    if info.is_main:
-                        metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=info.device,
-                                                 batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
-                                                 precision="fp32", skip_corrupt=cfg.data.skip_corrupt)
-                        record.update(metrics_record(metrics))
-                        logger.info("epoch %d: mAP %.2f%%, rank-1 %.2f%%", epoch, 100 * metrics["mAP"],
-                                    100 * metrics["cmc"][0])
-                        if metrics["mAP"] > best["mAP"]:
-                            best = {"mAP": float(metrics["mAP"]), "epoch": epoch}
-                            save_training_checkpoint(run_dir.best, model=model, optimizer=None, scheduler=None,
-                                                     scaler=None, epoch=epoch, config=config,
-                                                     fingerprint=fingerprint,
-                                                     extra={"best": best, "selected_on": "test set (published)"})
-                    if info.distributed:
-                        dist.barrier()
-                record["seconds"] = round(time.perf_counter() - t0, 2)
-                if info.is_main:
-                    save_training_checkpoint(run_dir.last, model=model, optimizer=optimizer, scheduler=scheduler,
-                                             scaler=scaler, epoch=epoch, config=config, fingerprint=fingerprint,
-                                             extra={"best": best})
-                run_dir.log_metrics(record)
+                    metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=info.device,
+                                             batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
+                                             precision="fp32", skip_corrupt=cfg.data.skip_corrupt)
+                    record.update(run.keep_best(epoch, metrics_record(metrics), model,
+                                                selected_on="test set (published)"))
+                    logger.info("epoch %d: mAP %.2f%%, rank-1 %.2f%%", epoch, 100 * metrics["mAP"],
+                                100 * metrics["cmc"][0])
+                run.barrier()
+            run.end_epoch(epoch, record)
 
-        exported = None
-        if info.is_main and not stopped and run_dir.best.exists():
-            exported = export_model(run_dir, load_training_checkpoint(run_dir.best)["model"], config, fingerprint,
-                                    epoch=best["epoch"], metrics={"mAP": best["mAP"]},
-                                    selection=f"epoch {best['epoch']}, the best test mAP among the evaluations "
-                                              "(published cluster-contrast model selection)")
-            logger.info("best epoch %d (mAP %.2f%%) exported to %s", best["epoch"], 100 * best["mAP"], exported)
-        run_dir.close()
-        return {"best_mAP": best["mAP"], "best_epoch": best["epoch"], "metrics": metrics, "model": exported,
-                "run_dir": run_dir.path, "stopped": stopped}
-    finally:
-        cleanup_distributed()
-
-
-# ----------------------------------------------------------------------------- demo
-
-
-DEMO_EPOCHS = 5
-"""Demo adaptation length: with the settings below about 45 s for the tiny model on 2 CPU cores."""
-
-
-def demo_config(ctx: DemoContext, pretrained: str) -> ClusterConfig:
-    """The short CPU recipe of the demo's UDA stage (MSMT17->Market row layout: cat fusion, multi-neck).
-
-    It departs from the published recipe where a few dozen steps of a tiny model
-    need it: training images get a colour jitter (without it the synthetic
-    cameras' light and colour casts are the easiest thing to learn from noisy
-    clusters, and the adapted model fell back to the direct-transfer mAP or
-    below), the neck statistics are calibrated before the first epoch, the
-    memory follows the batch mean of each cluster (the hardest instance of a
-    tiny model's augmented images is mostly noise), AdamW at a small rate keeps
-    the source features, and k1/k2 fit ~8 images per identity instead of
-    Market's ~17. The small eps keeps only tight clusters (about a quarter of
-    the images at first): the source model's looser clusters mix identities,
-    and training on them drifted towards camera features.
-    """
-    return ClusterConfig(
-        data=DataConfig(dataset="synthetic", root=str(ctx.target_root), img_size=list(DEMO_IMG_SIZE),
-                        num_workers=1, color_jitter=0.3),
-        model=ModelConfig(name=DEMO_MODEL["name"], depth=DEMO_MODEL["depth"], drop_path_rate=0.0,
-                          pretrained=pretrained, fusion="cat", neck="multi", test_feature="after"),
-        run=RunConfig(output_dir=str(ctx.workdir / "uda"), seed=ctx.seed, epochs=DEMO_EPOCHS,
-                      eval_every=DEMO_EPOCHS, log_every=10, device=str(ctx.device)),
-        cluster=ClusterSettings(eps=0.35, k1=6, k2=3, memory_mode="mean", calibrate_necks=True),
-        optim=ClusterOptimConfig(name="adamw", lr=1e-4, weight_decay=0.05, batch_size=32, num_instances=4,
-                                 iters=30, step_size=DEMO_EPOCHS),
-    )
-
-
-@register_demo_stage(order=30, name="uda")
-def uda_stage(ctx: DemoContext) -> list[StageResult]:
-    """Direct transfer of the source fine-tuned model to the target domain, then UDA by cluster contrast.
-
-    Both are evaluated on the target domain's query/gallery: ``direct-transfer``
-    with the source model's own test feature, ``uda`` after adapting on the
-    target train split without its labels.
-    """
-    from passreid.checkpoint import build_model_from_checkpoint
-    from passreid.data.datasets import build_dataset
-    from passreid.features import evaluate_model
-
-    start = time.perf_counter()
-    if ctx.state.get("finetuned_checkpoint") is None:
-        from passreid.finetune import finetune_for_demo
-
-        finetune_for_demo(ctx, "finetune")
-    source_model = str(ctx.state["finetuned_checkpoint"])
-    model, _ = build_model_from_checkpoint(source_model, device=ctx.device)
-    target = build_dataset("synthetic", ctx.target_root)
-    direct = evaluate_model(model, target, img_size=DEMO_IMG_SIZE, device=ctx.device, num_workers=0)
-    direct_result = result_from_metrics("direct-transfer", direct, time.perf_counter() - start)
-
-    start = time.perf_counter()
-    cfg = demo_config(ctx, source_model)
-    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
-        result = run_cluster(cfg, mode="uda")
-    raise_if_stopped(result)
-    metrics = {"mAP": result["metrics"]["mAP"], "mINP": result["metrics"].get("mINP"), "cmc": result["metrics"]["cmc"]}
-    return [direct_result, result_from_metrics("uda", metrics, time.perf_counter() - start)]
+        exported = run.export_best(selection=f"epoch {state.best_epoch}, the best test mAP among the evaluations "
+                                             "(published cluster-contrast model selection)")
+        if exported is not None:
+            logger.info("best epoch %d (mAP %.2f%%) exported to %s", state.best_epoch, 100 * state.best_mAP,
+                        exported)
+        return {"best_mAP": state.best_mAP, "best_epoch": state.best_epoch, "metrics": metrics, "model": exported,
+                "run_dir": run.dir.path, "stopped": run.stopped}

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from passreid.data.datasets import ImageRecord, ReIDDataset
 from passreid.data.images import ImageDataset
 from passreid.data.transforms import HALF, build_test_transform
-from passreid.engine import autocast, resolve_precision
+from passreid.runtime import autocast, resolve_precision
 from passreid.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class FeatureSet:
 def eval_interpolation(model: nn.Module) -> str:
     """The test resize a model was published with: ``bilinear`` for a fine-tuned ReID model
     (TransReID's test transform), ``bicubic`` for cluster-contrast models and bare backbones."""
-    from passreid.engine import unwrap
+    from passreid.runtime import unwrap
     from passreid.models import ReIDModel
 
     inner = unwrap(model)
@@ -130,7 +130,7 @@ def extract_features(
     with ``data.skip_corrupt``: the result then has fewer rows than ``records``), or
     ``replace`` it by the next readable image (rows stay aligned with ``records``).
     """
-    from passreid.engine import unwrap
+    from passreid.runtime import unwrap
 
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,36 +36,20 @@ from passreid.config import (
     RunConfig,
     check_choice,
     check_positive,
-    config_to_dict,
-    config_to_yaml,
 )
 from passreid.data.datasets import ImageRecord, ReIDDataset
 from passreid.data.samplers import RandomIdentitySampler
-from passreid.demo import DEMO_IMG_SIZE, DEMO_MODEL, DemoContext, StageResult, register_demo_stage, result_from_metrics
-from passreid.demo import raise_if_stopped
-from passreid.engine import (
+from passreid.runtime import (
     DistInfo,
-    GracefulStop,
-    RunDir,
     agree_across_ranks,
     autocast,
-    check_resume_fingerprint,
-    cleanup_distributed,
-    cores_beside_workers,
     explain_oom,
-    export_model,
-    gather_rng_states,
-    loss_is_finite,
     make_grad_scaler,
-    open_resume_checkpoint,
     resolve_precision,
-    restore_rank_rng,
-    restore_training_state,
-    save_training_checkpoint,
-    seed_everything,
-    setup_distributed,
     unwrap,
 )
+from passreid.training.run import GracefulStop, MeanStats, RunDir, TrainingRun, describe, loss_is_finite
+from passreid.training.schedules import WarmupCosineLR
 from passreid.errors import ConfigError
 from passreid.losses.reid import ReIDLoss
 from passreid.models import ReIDModel, create_model
@@ -238,53 +221,6 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, *, device: torch.d
     return torch.optim.SGD(groups, lr=optim_cfg.base_lr, momentum=optim_cfg.momentum, **kwargs)
 
 
-class WarmupCosineLR:
-    """The published per-epoch schedule: linear warm-up, then cosine over the whole run.
-
-    It reproduces the timm ``CosineLRScheduler`` of the published recipe as that
-    recipe calls it: ``step(epoch)`` *after* 1-based epoch ``epoch``, so epoch
-    ``e`` trains at ``f(t)`` with ``t = e - 1`` (epoch 1 at the warm-up start),
-    and the cosine is not shifted by the warm-up. For a group whose peak is ``b``
-    and a run of ``T`` epochs:
-
-    - ``t < warmup``: ``f(t) = w + t * (b - w) / warmup`` with ``w = warmup_factor * base_lr``;
-    - otherwise: ``f(t) = m + (b - m) * (1 + cos(pi * t / T)) / 2`` with ``m = eta_min_factor * base_lr``.
-
-    ``w`` and ``m`` are absolute (the same for the 2x-lr bias group), as published.
-    Call :meth:`set_epoch` at the start of every epoch; it is stateless apart
-    from the epoch, so resuming is exact.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, epochs: int, warmup_epochs: int,
-                 warmup_factor: float, eta_min_factor: float) -> None:
-        self.optimizer = optimizer
-        self.peak_lrs = [float(g["lr"]) for g in optimizer.param_groups]
-        self.epochs = epochs
-        self.warmup_epochs = warmup_epochs
-        self.warmup_lr = warmup_factor * base_lr
-        self.min_lr = eta_min_factor * base_lr
-        self.epoch = 0
-
-    def lr_at(self, epoch: int, peak: float) -> float:
-        """Learning rate of a group with peak ``peak`` during 1-based ``epoch``: ``f(epoch - 1)``."""
-        t = max(epoch - 1, 0)
-        if t < self.warmup_epochs:
-            return self.warmup_lr + t * (peak - self.warmup_lr) / self.warmup_epochs
-        return self.min_lr + 0.5 * (peak - self.min_lr) * (1.0 + math.cos(math.pi * min(t / self.epochs, 1.0)))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
-            group["lr"] = self.lr_at(epoch, peak)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "peak_lrs": list(self.peak_lrs)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.peak_lrs = [float(v) for v in state["peak_lrs"]]
-        self.set_epoch(int(state["epoch"]))
-
-
 def build_train_loader(
     records: Sequence[ImageRecord], cfg: FinetuneConfig, info: DistInfo
 ) -> tuple[DataLoader, RandomIdentitySampler]:
@@ -346,8 +282,9 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader`` (at most ``max_steps`` steps when > 0).
 
-    Returns averages over the steps taken: ``loss``, ``id_loss``, ``triplet_loss``,
-    ``acc`` (classifier accuracy on the batch), plus ``lr`` (weight group),
+    Returns averages over the steps taken of ``loss`` (rank-averaged), of every term the
+    criterion reports as ``NAME_loss`` (``id_loss``, ``triplet_loss``; a new term needs
+    no change here) and of ``acc`` (classifier accuracy on the batch), plus ``lr`` (weight group),
     ``steps``, ``skipped`` (non-finite steps skipped), ``images_per_s`` (all
     ranks) and ``stopped`` (1.0 if a stop request, agreed by all ranks, ended
     the pass). Loss averages are absent when no step was taken.
@@ -355,7 +292,7 @@ def train_one_epoch(
     model.train()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     total = len(loader) if max_steps <= 0 else min(len(loader), max_steps)
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = MeanStats()
     steps = skipped = 0
     stopped = False
     bar = None
@@ -374,26 +311,26 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             # One host sync per step, after the backward pass is queued: the rank-averaged
-            # loss, its parts, the accuracy and the stop flag come back together.
+            # loss, the loss terms, the accuracy and the stop flag come back together.
             loss_value, stop_now = agree_across_ranks(loss, stop)
-            acc = (out.logits.argmax(dim=1) == pids).float().mean() if out.logits is not None else loss.new_zeros(())
-            zero = loss.new_zeros((), dtype=torch.float32)
-            row = torch.stack([loss_value.float(), parts.get("id", zero).float(), parts.get("triplet", zero).float(),
-                               acc.detach().float()]).double().cpu()
-            if loss_is_finite(row[0], step=steps + skipped + 1, epoch=epoch, last_checkpoint=last_checkpoint,
-                              skip=skip_nonfinite):
+            terms = {"loss": loss_value, **{f"{name}_loss": value for name, value in parts.items()}}
+            if out.logits is not None:
+                terms["acc"] = (out.logits.argmax(dim=1) == pids).float().mean()
+            values = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).double().cpu()))
+            if loss_is_finite(values["loss"], step=steps + skipped + 1, epoch=epoch,
+                              last_checkpoint=last_checkpoint, skip=skip_nonfinite):
                 scaler.step(optimizer)
                 scaler.update()
-                sums += row
+                sums.add(values)
                 steps += 1
                 if run_dir is not None and run_dir.is_main and (global_step + steps) % log_every == 0:
-                    run_dir.add_scalars({"loss": float(row[0]), "lr": optimizer.param_groups[0]["lr"]},
-                                        global_step + steps, prefix="train/")
+                    scalars = {k: float(v) for k, v in values.items()}
+                    run_dir.add_scalars({**scalars, "lr": optimizer.param_groups[0]["lr"]}, global_step + steps,
+                                        prefix="train/")
                     if bar is None:
-                        logger.info("epoch %d step %d/%d loss %.4f acc %.3f", epoch, steps + skipped, total,
-                                    float(row[0]), float(row[3]))
+                        logger.info("epoch %d step %d/%d %s", epoch, steps + skipped, total, describe(scalars))
                 if bar is not None:
-                    bar.set_postfix(loss=f"{float(row[0]):.3f}", acc=f"{float(row[3]):.3f}")
+                    bar.set_postfix({k: f"{float(v):.3f}" for k, v in values.items() if k in ("loss", "acc")})
             else:
                 optimizer.zero_grad(set_to_none=True)  # drop the non-finite gradients of the skipped step
                 skipped += 1
@@ -413,39 +350,11 @@ def train_one_epoch(
         "stopped": float(stopped),
         "images_per_s": (steps + skipped) * loader.batch_size * world / seconds if seconds > 0 else 0.0,
     }
-    if steps:
-        mean = (sums / steps).tolist()
-        stats.update(loss=mean[0], id_loss=mean[1], triplet_loss=mean[2], acc=mean[3])
+    stats.update(sums.means())
     return stats
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-@dataclass
-class RunProgress:
-    """Where a run stands beyond the model and optimizer states; stored in ``last.pth`` for ``--resume``.
-
-    ``epoch`` is the last completed epoch and ``step`` the batches already
-    trained of the next one (non-zero only after a stop inside an epoch).
-    """
-
-    epoch: int = 0
-    step: int = 0
-    global_step: int = 0
-    best_mAP: float = -1.0
-    best_epoch: int = 0
-    last_metrics: dict[str, float] = field(default_factory=dict)
-
-    def as_extra(self) -> dict[str, Any]:
-        return {"resume_step": self.step, "global_step": self.global_step, "best_mAP": self.best_mAP,
-                "best_epoch": self.best_epoch, "last_metrics": dict(self.last_metrics)}
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any]) -> RunProgress:
-        return cls(epoch=int(ckpt["epoch"]), step=int(ckpt.get("resume_step", 0)),
-                   global_step=int(ckpt.get("global_step", 0)), best_mAP=float(ckpt.get("best_mAP", -1.0)),
-                   best_epoch=int(ckpt.get("best_epoch", 0)), last_metrics=dict(ckpt.get("last_metrics") or {}))
 
 
 def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: bool = False,
@@ -475,17 +384,10 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
     """
     from passreid.data.datasets import build_dataset, dataset_fingerprint
 
-    info = setup_distributed(cfg.run.device)
-    try:
-        seed_everything(cfg.run.seed, info.rank)
-        run_dir = RunDir(cfg.run.output_dir, is_main=info.is_main)
-        config = config_to_dict(cfg)
-        ckpt, resume_path = open_resume_checkpoint(resume, run_dir, config, force_resume)
-
+    with TrainingRun(cfg, resume=resume, force=force_resume) as run:
+        info = run.info
         dataset: ReIDDataset = build_dataset(cfg.data.dataset, cfg.data.root)
-        fingerprint = dataset_fingerprint(dataset.train)
-        if ckpt is not None:
-            check_resume_fingerprint(ckpt, fingerprint, resume_path, force_resume)
+        run.check_data(dataset_fingerprint(dataset.train))
         precision = resolve_precision(cfg.run.precision, info.device)
         model = build_model(cfg.model, num_classes=dataset.num_train_pids, img_size=cfg.data.img_size).to(info.device)
         optimizer = build_optimizer(model, cfg.optim, device=info.device)
@@ -496,22 +398,10 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
         criterion = ReIDLoss(id_weight=cfg.loss.id_weight, triplet_weight=cfg.loss.triplet_weight,
                              label_smoothing=cfg.loss.label_smoothing, triplet_margin=cfg.loss.triplet_margin)
         loader, sampler = build_train_loader(dataset.train, cfg, info)
-
-        state = RunProgress()
-        if ckpt is not None:
-            restore_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-            restore_rank_rng(ckpt, info, resume_path)
-            state = RunProgress.from_checkpoint(ckpt)
-            run_dir.truncate_metrics(state.epoch)
-            logger.info("resumed from %s after epoch %d%s", resume_path, state.epoch,
-                        f" and {state.step} steps of the next" if state.step else "")
-        else:
-            run_dir.write_config(config_to_yaml(cfg))
-        if info.distributed:
-            ddp_kwargs: dict[str, Any] = {"device_ids": [info.device.index]} if info.device.type == "cuda" else {}
-            model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+        state = run.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        train_model = run.wrap(model)
         if cfg.compile:
-            model = torch.compile(model)  # type: ignore[assignment]
+            train_model = torch.compile(train_model)  # type: ignore[assignment]
         if info.is_main:
             logger.info("fine-tuning %s (%s, %d identities) for %d epochs on %d x %s, %s, batch %d = %d x %d",
                         cfg.model.name, cfg.model.pretrained or "random init",
@@ -519,153 +409,60 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
                         cfg.optim.batch_size, cfg.optim.batch_size // cfg.optim.num_instances,
                         cfg.optim.num_instances)
 
-        def save_last() -> None:
-            rng_all = gather_rng_states(info)  # a collective: every rank takes part
-            if info.is_main:
-                save_training_checkpoint(run_dir.last, model=model, optimizer=optimizer, scheduler=scheduler,
-                                         scaler=scaler, epoch=state.epoch, config=config, fingerprint=fingerprint,
-                                         extra={**state.as_extra(), "rng_per_rank": rng_all})
+        for epoch in run.epochs():
+            sampler.set_epoch(epoch, start_batch=state.step)
+            seed_loader(loader, cfg.run.seed, info.rank, epoch)
+            scheduler.set_epoch(epoch)
+            budget = cfg.run.max_iters_per_epoch - state.step if cfg.run.max_iters_per_epoch else 0
+            with explain_oom(cfg.optim.batch_size // info.world_size):
+                stats = train_one_epoch(
+                    train_model, loader, criterion, optimizer, scaler, epoch=epoch, device=info.device,
+                    precision=precision, max_steps=budget, stop=run.stop, skip_nonfinite=cfg.run.skip_nonfinite,
+                    last_checkpoint=run.last, run_dir=run.dir, global_step=state.global_step,
+                    log_every=cfg.run.log_every, progress=progress and info.is_main,
+                )
+            done = int(stats["steps"] + stats["skipped"])
+            state.global_step += done
+            if stats["stopped"]:
+                run.interrupt(epoch, state.step + done)
+                continue
+            record: dict[str, Any] = {"epoch": epoch, **{k: v for k, v in stats.items() if k != "stopped"}}
+            if info.is_main and "loss" in stats:
+                logger.info("epoch %d/%d: %s, %.0f images/s", epoch, cfg.run.epochs,
+                            describe({k: v for k, v in stats.items() if k != "images_per_s"}),
+                            stats["images_per_s"])
+            if run.eval_due(epoch):
+                if info.is_main:
+                    record.update(_evaluate(run, unwrap(model), dataset, cfg, epoch))
+                run.barrier()
+            run.end_epoch(epoch, record)
 
-        stopped = False
-        with GracefulStop() as stop:
-            for epoch in range(state.epoch + 1, cfg.run.epochs + 1):
-                t0 = time.perf_counter()
-                sampler.set_epoch(epoch, start_batch=state.step)
-                seed_loader(loader, cfg.run.seed, info.rank, epoch)
-                scheduler.set_epoch(epoch)
-                budget = cfg.run.max_iters_per_epoch - state.step if cfg.run.max_iters_per_epoch else 0
-                with explain_oom(cfg.optim.batch_size // info.world_size):
-                    stats = train_one_epoch(
-                        model, loader, criterion, optimizer, scaler, epoch=epoch, device=info.device,
-                        precision=precision, max_steps=budget, stop=stop, skip_nonfinite=cfg.run.skip_nonfinite,
-                        last_checkpoint=run_dir.last, run_dir=run_dir, global_step=state.global_step,
-                        log_every=cfg.run.log_every, progress=progress and info.is_main,
-                    )
-                done = int(stats["steps"] + stats["skipped"])
-                state.global_step += done
-                if stats["stopped"]:
-                    state.step += done
-                    save_last()
-                    stopped = True
-                    logger.warning("stopped in epoch %d after step %d; %s holds the run", epoch, state.step,
-                                   run_dir.last)
-                    break
-                record: dict[str, Any] = {"epoch": epoch, **{k: v for k, v in stats.items() if k != "stopped"}}
-                if info.is_main and "loss" in stats:
-                    logger.info("epoch %d/%d: loss %.4f (id %.4f, triplet %.4f) acc %.3f lr %.2e, %.0f images/s",
-                                epoch, cfg.run.epochs, stats["loss"], stats["id_loss"], stats["triplet_loss"],
-                                stats["acc"], stats["lr"], stats["images_per_s"])
-                if epoch % cfg.run.eval_every == 0 or epoch == cfg.run.epochs:
-                    if info.is_main:
-                        record.update(_evaluate_and_keep_best(unwrap(model), dataset, cfg, state, epoch, run_dir,
-                                                              info.device, config, fingerprint))
-                    if info.distributed:
-                        dist.barrier()
-                record["seconds"] = time.perf_counter() - t0
-                run_dir.log_metrics(record)
-                state.epoch, state.step = epoch, 0
-                save_last()
-                if agree_across_ranks(torch.zeros((), device=info.device), stop)[1]:
-                    stopped = epoch < cfg.run.epochs
-                    if stopped:
-                        logger.warning("stopped after epoch %d; %s holds the run", epoch, run_dir.last)
-                    break
-
-        model_path = None
-        if not stopped and info.is_main and cfg.export == "final":
-            model_path = export_model(run_dir, unwrap(model).state_dict(), config, fingerprint, epoch=state.epoch,
-                                      metrics=state.last_metrics, selection=f"final epoch ({state.epoch})")
-            logger.info("exported the final epoch's model %s (best test mAP %.2f%% at epoch %d, in %s)", model_path,
-                        100 * state.best_mAP, state.best_epoch, run_dir.best)
-        elif not stopped and info.is_main and run_dir.best.is_file():
-            from passreid.checkpoint import safe_load
-
-            best = safe_load(run_dir.best)
-            model_path = export_model(run_dir, best["model"], config, fingerprint, epoch=best.get("epoch"),
-                                      metrics=best.get("metrics"),
-                                      selection=f"epoch {state.best_epoch}, selected on the {SELECTED_ON_TEST}")
-            logger.info("best test mAP %.2f%% at epoch %d; exported %s (selected on the test set)",
-                        100 * state.best_mAP, state.best_epoch, model_path)
-        run_dir.close()
+        if cfg.export == "final":
+            model_path = run.export_final(unwrap(model).state_dict(), selection=f"final epoch ({state.epoch})")
+            if model_path is not None:
+                logger.info("exported the final epoch's model %s (best test mAP %.2f%% at epoch %d, in %s)",
+                            model_path, 100 * state.best_mAP, state.best_epoch, run.dir.best)
+        else:
+            model_path = run.export_best(selection=f"epoch {state.best_epoch}, selected on the {SELECTED_ON_TEST}")
+            if model_path is not None:
+                logger.info("best test mAP %.2f%% at epoch %d; exported %s (selected on the test set)",
+                            100 * state.best_mAP, state.best_epoch, model_path)
         return {"best_mAP": state.best_mAP, "best_epoch": state.best_epoch, "metrics": state.last_metrics,
-                "epoch": state.epoch, "step": state.step, "model": model_path, "run_dir": run_dir.path,
-                "stopped": stopped}
-    finally:
-        cleanup_distributed()
+                "epoch": state.epoch, "step": state.step, "model": model_path, "run_dir": run.dir.path,
+                "stopped": run.stopped}
 
 
-def _evaluate_and_keep_best(model: nn.Module, dataset: ReIDDataset, cfg: FinetuneConfig, state: RunProgress,
-                            epoch: int, run_dir: RunDir, device: torch.device,
-                            config: dict[str, Any], fingerprint: dict[str, Any]) -> dict[str, float]:
-    """Evaluate on query/gallery, update ``state`` and write ``best.pth`` on a new best test mAP (marked
-    ``selected_on`` the test set); returns the metrics."""
+def _evaluate(run: TrainingRun, model: nn.Module, dataset: ReIDDataset, cfg: FinetuneConfig,
+              epoch: int) -> dict[str, float]:
+    """Evaluate on query/gallery, keep ``best.pth`` on a new best test mAP (marked ``selected_on`` the
+    test set); returns the metrics record."""
     from passreid.features import evaluate_model, metrics_record
 
-    metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=device,
+    metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=run.info.device,
                              batch_size=cfg.test.batch_size, num_workers=cfg.data.num_workers, flip=cfg.test.flip,
                              precision=cfg.test.precision, interpolation=cfg.test.interpolation,
                              skip_corrupt=cfg.data.skip_corrupt)
-    state.last_metrics = metrics_record(metrics)
-    if state.last_metrics["mAP"] > state.best_mAP:
-        state.best_mAP, state.best_epoch = state.last_metrics["mAP"], epoch
-        save_training_checkpoint(run_dir.best, model=model, optimizer=None, scheduler=None, scaler=None, epoch=epoch,
-                                 config=config, fingerprint=fingerprint,
-                                 extra={"metrics": state.last_metrics, "selected_on": SELECTED_ON_TEST})
-    logger.info("epoch %d: mAP %.2f%% R1 %.2f%% (best %.2f%% at epoch %d)", epoch, 100 * state.last_metrics["mAP"],
-                100 * state.last_metrics.get("rank1", 0.0), 100 * state.best_mAP, state.best_epoch)
-    return state.last_metrics
-
-
-# ----------------------------------------------------------------------------- demo
-
-
-DEMO_EPOCHS = 10
-"""Demo fine-tuning length: about 50 s for the tiny model on 2 CPU cores (DESIGN §8 budget)."""
-
-
-def demo_config(ctx: DemoContext, name: str, pretrained: str | None = None) -> FinetuneConfig:
-    """The short CPU recipe of the demo: tiny ViT at 128x64, AdamW, a short warm-up.
-
-    The published recipe (SGD, 20 of 120 epochs of warm-up) suits a pretrained
-    ViT-S and a GPU; a few CPU epochs of a tiny model, possibly from random
-    initialisation, learn far more with AdamW at 1e-3 and small batches (on the
-    demo data, 8 epochs: mAP ~0.39 against ~0.15 for the best SGD rate tried).
-    Ten epochs also need every step: the demo keeps the cover-all P x K epoch
-    and one warm-up epoch (with the published epoch length and two warm-up
-    epochs, of which the first trains at the warm-up start, the finetune stage
-    fell from 18.7 to 10.1 mAP; with these two settings it measured 16.8).
-    """
-    return FinetuneConfig(
-        data=DataConfig(dataset="synthetic", root=str(ctx.source_root), img_size=list(DEMO_IMG_SIZE),
-                        num_workers=1),
-        model=ModelConfig(name=DEMO_MODEL["name"], depth=DEMO_MODEL["depth"], drop_path_rate=0.0,
-                          pretrained=pretrained or ""),
-        run=RunConfig(output_dir=str(ctx.workdir / name), seed=ctx.seed, epochs=DEMO_EPOCHS,
-                      eval_every=DEMO_EPOCHS, log_every=10, device=str(ctx.device)),
-        optim=OptimConfig(name="adamw", base_lr=1e-3, bias_lr_factor=1.0, weight_decay=0.05, weight_decay_bias=0.0,
-                          warmup_epochs=1, warmup_factor=0.1, batch_size=16, num_instances=4, cover_all_images=True),
-    )
-
-
-def finetune_for_demo(ctx: DemoContext, name: str, pretrained: str | None = None) -> StageResult:
-    """Fine-tune the demo model on ``ctx.source_root`` (from ``pretrained`` or random init) and evaluate it.
-
-    The exported model's path goes to ``ctx.state["finetuned_checkpoint"]``
-    (the latest fine-tuned model: later stages such as UDA start from it) and
-    to ``ctx.state[f"{name}_checkpoint"]``.
-    """
-    start = time.perf_counter()
-    cfg = demo_config(ctx, name, pretrained)
-    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
-        result = run_finetune(cfg)
-    raise_if_stopped(result)
-    ctx.state["finetuned_checkpoint"] = result["model"]
-    ctx.state[f"{name}_checkpoint"] = result["model"]
-    metrics = {"mAP": result["metrics"]["mAP"], "mINP": result["metrics"]["mINP"], "cmc": [result["metrics"]["rank1"]]}
-    return result_from_metrics(name, metrics, time.perf_counter() - start)
-
-
-@register_demo_stage(order=10, name="finetune")
-def finetune_stage(ctx: DemoContext) -> list[StageResult]:
-    """Supervised fine-tuning of the tiny model from random initialisation on the source domain."""
-    return [finetune_for_demo(ctx, "finetune")]
+    record = run.keep_best(epoch, metrics_record(metrics), model, selected_on=SELECTED_ON_TEST)
+    logger.info("epoch %d: mAP %.2f%% R1 %.2f%% (best %.2f%% at epoch %d)", epoch, 100 * record["mAP"],
+                100 * record.get("rank1", 0.0), 100 * run.state.best_mAP, run.state.best_epoch)
+    return record

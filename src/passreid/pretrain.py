@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,48 +30,26 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from passreid.config import RunConfig, check_choice, check_img_size, check_positive, config_to_dict, config_to_yaml
+from passreid.config import RunConfig, check_choice, check_img_size, check_positive
 from passreid.data.datasets import ImageRecord
 from passreid.data.multicrop import MultiCrop, MultiCropSpec, build_multicrop
-from passreid.demo import (
-    DEMO_IMG_SIZE,
-    DEMO_MODEL,
-    DemoContext,
-    StageResult,
-    register_demo_stage,
-    raise_if_stopped,
-    result_from_metrics,
-)
-from passreid.engine import (
+from passreid.runtime import (
     DistInfo,
-    GracefulStop,
-    RunDir,
     agree_across_ranks,
     autocast,
-    check_resume_fingerprint,
-    cleanup_distributed,
-    cores_beside_workers,
-    cosine_value,
     explain_oom,
-    gather_rng_states,
-    load_state_checked,
-    loss_is_finite,
     make_grad_scaler,
-    open_resume_checkpoint,
     resolve_precision,
-    restore_rank_rng,
-    restore_training_state,
-    save_training_checkpoint,
-    seed_everything,
-    setup_distributed,
     unwrap,
 )
-from passreid.errors import CheckpointError, ConfigError, TrainingError
+from passreid.errors import CheckpointError, ConfigError
 from passreid.losses.pass_loss import PASSLoss, ViewLogits
 from passreid.models import PassViT, create_model
 from passreid.models.heads import TOKEN_NAMES, PassHeads
 from passreid.models.vit import NUM_PARTS
 from passreid.monitor import RetrievalMonitor, class_token_only, collapse_warning
+from passreid.training.run import GracefulStop, RunDir, TrainingRun, loss_is_finite
+from passreid.training.schedules import PretrainSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -379,38 +356,6 @@ def ema_update(teacher_params: Sequence[Tensor], student_params: Sequence[Tensor
 def last_layer_params(model: nn.Module) -> list[Tensor]:
     """The prototype layers of the heads (frozen during the first ``freeze_last_layer_epochs``)."""
     return [p for name, p in model.named_parameters() if ".last_layer." in f".{name}"]
-
-
-@dataclass(frozen=True)
-class PretrainSchedule:
-    """Per-iteration values (DINO): learning rate with linear warm-up then cosine, weight decay and
-    teacher momentum by cosine. ``peak_lr`` is already scaled by the batch size."""
-
-    iters_per_epoch: int
-    epochs: int
-    peak_lr: float
-    min_lr: float
-    warmup_epochs: int
-    weight_decay: float
-    weight_decay_end: float
-    momentum: float
-    momentum_end: float
-
-    @property
-    def total_iters(self) -> int:
-        return self.iters_per_epoch * self.epochs
-
-    def lr(self, it: int) -> float:
-        warmup = self.warmup_epochs * self.iters_per_epoch
-        if it < warmup:
-            return self.peak_lr * it / warmup
-        return cosine_value(self.peak_lr, self.min_lr, (it - warmup) / max(1, self.total_iters - warmup))
-
-    def wd(self, it: int) -> float:
-        return cosine_value(self.weight_decay, self.weight_decay_end, it / self.total_iters)
-
-    def teacher_momentum(self, it: int) -> float:
-        return cosine_value(self.momentum, self.momentum_end, it / self.total_iters)
 
 
 # ----------------------------------------------------------------------------- data
@@ -771,12 +716,8 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         ``{"run_dir", "epoch" (last completed), "backbone" (exported path or None
         if stopped early), "stopped", "metrics" (last epoch's record)}``.
     """
-    info = setup_distributed(cfg.run.device)
-    try:
-        seed_everything(cfg.run.seed, info.rank)
-        run_dir = RunDir(cfg.run.output_dir, is_main=info.is_main)
-        config = config_to_dict(cfg)
-        ckpt, resume_path = open_resume_checkpoint(resume, run_dir, config, force_resume)
+    with TrainingRun(cfg, resume=resume, force=force_resume) as run:
+        info = run.info
         if info.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
@@ -784,8 +725,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         precision = resolve_precision(cfg.run.precision, info.device)
         multicrop = build_multicrop(cfg.aug.backend, cfg.multicrop_spec(), tuple(cfg.aug.decode_size))
         loader, sampler, fingerprint = build_loader(cfg, info, multicrop)
-        if ckpt is not None:
-            check_resume_fingerprint(ckpt, fingerprint, resume_path, force_resume)
+        run.check_data(fingerprint)
         ipe = sampler.batches_per_epoch
         if cfg.run.max_iters_per_epoch:
             ipe = min(ipe, cfg.run.max_iters_per_epoch)
@@ -805,29 +745,10 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
             weight_decay_end=cfg.optim.weight_decay_end, momentum=cfg.optim.momentum_teacher,
             momentum_end=cfg.optim.momentum_teacher_end,
         )
-
-        start_epoch, start_step = 1, 0
-        last_record: dict[str, Any] = {}
-        if ckpt is not None:
-            models = ckpt["model"]
-            load_state_checked(student, models["student"], "student")
-            load_state_checked(teacher, models["teacher"], "teacher")
-            loss_fn.load_state_dict(models["centers"])
-            start_epoch = restore_training_state(ckpt, model=None, optimizer=optimizer, scheduler=None, scaler=scaler)
-            restore_rank_rng(ckpt, info, resume_path)
-            start_step = int(ckpt.get("resume_step", 0))
-            run_dir.truncate_metrics(start_epoch - 1)
-            logger.info("resumed from %s at epoch %d%s", resume_path, start_epoch,
-                        f", step {start_step}" if start_step else "")
-        else:
-            run_dir.truncate_metrics(0)
-            run_dir.write_config(config_to_yaml(cfg))
-
-        ddp_student: nn.Module = student
-        if info.distributed:
-            ddp_kwargs: dict[str, Any] = {"device_ids": [info.device.index]} if info.device.type == "cuda" else {}
-            ddp_student = nn.parallel.DistributedDataParallel(student, **ddp_kwargs)
-        state = PretrainState(student=ddp_student, teacher=teacher, loss_fn=loss_fn, optimizer=optimizer,
+        # The checkpoint's "model" is {"student", "teacher", "centers"}, the published layout.
+        progress_state = run.restore(model={"student": student, "teacher": teacher, "centers": loss_fn},
+                                     optimizer=optimizer, scaler=scaler)
+        state = PretrainState(student=run.wrap(student), teacher=teacher, loss_fn=loss_fn, optimizer=optimizer,
                               scaler=scaler, schedule=schedule, multicrop=multicrop, device=info.device,
                               precision=precision, clip_grad=cfg.optim.clip_grad,
                               freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs,
@@ -839,130 +760,41 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
                         ipe, info.world_size, info.device, precision, cfg.data.batch_size, schedule.peak_lr,
                         "the device" if cfg.aug.backend == "gpu" else "the loader workers", cfg.aug.backend)
 
-        def save_last(epoch_done: int, resume_step: int) -> None:
-            rng_all = gather_rng_states(info)
-            if info.is_main:
-                save_training_checkpoint(
-                    run_dir.last, model={"student": student.state_dict(), "teacher": teacher.state_dict(),
-                                         "centers": loss_fn.state_dict()},
-                    optimizer=optimizer, scheduler=None, scaler=scaler, epoch=epoch_done, config=config,
-                    fingerprint=fingerprint, extra={"resume_step": resume_step, "rng_per_rank": rng_all},
-                )
-
         monitor = build_monitor(cfg, info.device) if info.is_main else None
-        if monitor is not None and ckpt is None:
+        if monitor is not None and not run.resumed:
             # Epoch 0: the random-init teacher, the baseline the monitor's later epochs are read against.
             before = monitor(teacher.backbone, cfg.model.mode)
-            run_dir.log_metrics({"epoch": 0, **before})
+            run.dir.log_metrics({"epoch": 0, **before})
             logger.info("epoch 0 (before training): frozen %s", describe_monitor(before))
 
-        stopped = False
-        epoch = start_epoch - 1
-        with GracefulStop() as stop:
-            for epoch in range(start_epoch, cfg.run.epochs + 1):
-                t0 = time.perf_counter()
-                position_loader(loader, sampler, epoch, start_batch=start_step)
-                with explain_oom(cfg.data.batch_size // info.world_size):
-                    stats = train_one_epoch(state, loader, epoch, start_step=start_step,
-                                            max_steps=ipe - start_step, stop=stop, run_dir=run_dir,
-                                            log_every=cfg.run.log_every, progress=progress and info.is_main)
-                done = int(stats["steps"] + stats["skipped"])
-                if stats["stopped"]:
-                    save_last(epoch - 1, start_step + done)
-                    stopped = True
-                    logger.warning("stopped in epoch %d after step %d; %s holds the run", epoch, start_step + done,
-                                   run_dir.last)
-                    break
-                start_step = 0
-                last_record = {"epoch": epoch, **{k: v for k, v in stats.items() if k != "stopped"},
-                               "seconds": time.perf_counter() - t0}
-                if monitor is not None and (epoch % cfg.eval.every == 0 or epoch == cfg.run.epochs):
-                    last_record.update(monitor(teacher.backbone, cfg.model.mode))
-                run_dir.log_metrics(last_record)
-                save_last(epoch, 0)
-                if info.is_main:
-                    logger.info("epoch %d: loss %.4f (cls %.4f) teacher entropy %.3f, %.0f img/s%s", epoch,
-                                stats.get("loss", math.nan), stats.get("loss_cls", math.nan),
-                                stats.get("teacher_entropy", math.nan), stats["images_per_s"],
-                                f"; frozen {describe_monitor(last_record)}" if "mAP" in last_record else "")
-                    warning = collapse_warning(stats.get("teacher_entropy", math.nan),
-                                               stats.get("teacher_usage_entropy", math.inf), cfg.model.out_dim)
-                    if warning:
-                        logger.warning("epoch %d: %s", epoch, warning)
-                if agree_across_ranks(torch.zeros((), device=info.device), stop)[1]:
-                    stopped = epoch < cfg.run.epochs
-                    if stopped:
-                        logger.warning("stopped after epoch %d; %s holds the run", epoch, run_dir.last)
-                    break
+        last_record: dict[str, Any] = {}
+        for epoch in run.epochs():
+            start_step = progress_state.step
+            position_loader(loader, sampler, epoch, start_batch=start_step)
+            with explain_oom(cfg.data.batch_size // info.world_size):
+                stats = train_one_epoch(state, loader, epoch, start_step=start_step,
+                                        max_steps=ipe - start_step, stop=run.stop, run_dir=run.dir,
+                                        log_every=cfg.run.log_every, progress=progress and info.is_main)
+            if stats["stopped"]:
+                run.interrupt(epoch, start_step + int(stats["steps"] + stats["skipped"]))
+                continue
+            last_record = {"epoch": epoch, **{k: v for k, v in stats.items() if k != "stopped"}}
+            if monitor is not None and (epoch % cfg.eval.every == 0 or epoch == cfg.run.epochs):
+                last_record.update(monitor(teacher.backbone, cfg.model.mode))
+            run.end_epoch(epoch, last_record)
+            if info.is_main:
+                logger.info("epoch %d: loss %.4f (cls %.4f) teacher entropy %.3f, %.0f img/s%s", epoch,
+                            stats.get("loss", math.nan), stats.get("loss_cls", math.nan),
+                            stats.get("teacher_entropy", math.nan), stats["images_per_s"],
+                            f"; frozen {describe_monitor(last_record)}" if "mAP" in last_record else "")
+                warning = collapse_warning(stats.get("teacher_entropy", math.nan),
+                                           stats.get("teacher_usage_entropy", math.inf), cfg.model.out_dim)
+                if warning:
+                    logger.warning("epoch %d: %s", epoch, warning)
 
         backbone_path = None
-        if not stopped and info.is_main:
-            backbone_path = run_dir.path / "backbone.pth"
-            export_backbone(run_dir.last, backbone_path)
-        run_dir.close()
-        return {"run_dir": run_dir.path, "epoch": epoch, "backbone": backbone_path, "stopped": stopped,
-                "metrics": last_record}
-    finally:
-        cleanup_distributed()
-
-
-# ----------------------------------------------------------------------------- demo
-
-
-DEMO_LOCAL_SIZE = (64, 32)
-DEMO_EPOCHS = 3
-"""About 50 s of pretraining for the tiny model on 2 CPU cores (~25 images/s over 3 x 384 images)."""
-
-
-def demo_config(ctx: DemoContext, output_dir: Path) -> PretrainConfig:
-    """A short CPU recipe: the demo's tiny ViT at 128x64 (locals 64x32), small heads.
-
-    The PIL multi-crop runs in one loader worker while the model trains on the
-    other core. The published learning rate (5e-4 x 32/256) with one warm-up
-    epoch; the teacher follows the student faster than the published 0.996,
-    since the export is the teacher and there are only ~35 steps. (A peak rate
-    of 5e-4 made the outputs collapse to uniform within these steps.)
-    """
-    return PretrainConfig(
-        data=PretrainDataConfig(root=str(ctx.source_root / "bounding_box_train"), img_size=list(DEMO_IMG_SIZE),
-                                batch_size=32, num_workers=1),
-        aug=AugConfig(backend="cpu", decode_size=list(DEMO_IMG_SIZE), local_size=list(DEMO_LOCAL_SIZE)),
-        model=PretrainModelConfig(name=DEMO_MODEL["name"], depth=DEMO_MODEL["depth"], drop_path_rate=0.1,
-                                  out_dim=1024, hidden_dim=512, bottleneck_dim=128),
-        optim=PretrainOptimConfig(lr=5e-4, warmup_epochs=1, momentum_teacher=0.99),
-        eval=PretrainEvalConfig(dataset="synthetic", root=str(ctx.source_root), every=DEMO_EPOCHS),
-        run=RunConfig(output_dir=str(output_dir), seed=ctx.seed, epochs=DEMO_EPOCHS, log_every=10,
-                      device=str(ctx.device)),
-    )
-
-
-@register_demo_stage(order=20, name="pass-pretrain+finetune")
-def pass_pretrain_stage(ctx: DemoContext) -> list[StageResult]:
-    """Pretrain the tiny model with PASS on the source training images (labels unused), export the
-    teacher backbone and fine-tune from it; ``ctx.state["pretrained_backbone"]`` keeps the export.
-
-    Two rows: the monitor's frozen-feature figures of the exported teacher on the source test set
-    (``pass-pretrain (frozen)``, to read against ``random-init``), and the fine-tuned model."""
-    from passreid.finetune import finetune_for_demo
-
-    start = time.perf_counter()
-    run_path = ctx.workdir / "pass-pretrain"
-    if run_path.exists():
-        shutil.rmtree(run_path)
-    cfg = demo_config(ctx, run_path)
-    with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
-        result = run_pretrain(cfg)
-    raise_if_stopped(result)
-    if result["backbone"] is None:
-        raise TrainingError("demo pretraining stopped before the end")
-    ctx.state["pretrained_backbone"] = result["backbone"]
-    pretrain_seconds = time.perf_counter() - start
-    last = result["metrics"]  # the last epoch's record, with the monitor's figures (eval.every = DEMO_EPOCHS)
-    before = RunDir(run_path).read_metrics()[0]  # epoch 0: the random-init teacher
-    logger.info("demo pretraining: %.0f s, last loss %.4f; frozen features on the source test set: mAP %.1f%% "
-                "before, %.1f%% after", pretrain_seconds, last.get("loss", math.nan), 100 * before["mAP"],
-                100 * last["mAP"])
-    after = {"mAP": last["mAP"], "cmc": [last["rank1"]], "mINP": last["mINP"]}
-    frozen = result_from_metrics("pass-pretrain (frozen)", after, pretrain_seconds)
-    stage = finetune_for_demo(ctx, "pass-pretrain+finetune", pretrained=str(result["backbone"]))
-    return [frozen, stage]
+        if not run.stopped and info.is_main:
+            backbone_path = run.dir.path / "backbone.pth"
+            export_backbone(run.last, backbone_path)
+        return {"run_dir": run.dir.path, "epoch": progress_state.epoch, "backbone": backbone_path,
+                "stopped": run.stopped, "metrics": last_record}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,6 @@ from torch import nn
 
 from passreid.data.images import read_image
 from passreid.data.transforms import HALF, build_test_transform
-from passreid.demo import DemoContext, StageResult, register_demo_stage
-from passreid.errors import DatasetError
 from passreid.models import PassViT
 
 logger = logging.getLogger(__name__)
@@ -368,50 +365,3 @@ def attention_figure(
     return canvas
 
 
-# ----------------------------------------------------------------------------- demo stage
-
-
-@register_demo_stage(order=40, name="visualize")
-def visualize_stage(ctx: DemoContext) -> list[StageResult]:
-    """Ranked list of the worst query (lowest AP) and attention maps of the best one, fine-tuned demo model.
-
-    Writes ``ranked_list.png`` and ``attention.png`` into ``ctx.workdir`` and
-    records them in ``ctx.state["pictures"]`` (name -> path). Adds no metrics row.
-    """
-    from passreid.api import load
-    from passreid.data.datasets import build_dataset
-
-    checkpoint = ctx.state.get("finetuned_checkpoint")
-    if checkpoint is None or not Path(checkpoint).is_file():
-        logger.info("visualize stage skipped: no fine-tuned checkpoint in the demo state")
-        return []
-    t0 = time.perf_counter()
-    pipeline = load(checkpoint, device=ctx.device)
-    dataset = build_dataset("synthetic", ctx.source_root)
-    query_paths = [r.path for r in dataset.query]
-    gallery_paths = [r.path for r in dataset.gallery]
-    qf = pipeline.extract(query_paths, batch_size=128)
-    gf = pipeline.extract(gallery_paths, batch_size=128)
-    def labels(records: list, field: str) -> np.ndarray:
-        return np.array([getattr(r, field) for r in records])
-
-    rankings = rank_queries(qf, gf, labels(dataset.query, "pid"), labels(dataset.gallery, "pid"),
-                            labels(dataset.query, "camid"), labels(dataset.gallery, "camid"))
-    worst = worst_queries(rankings.ap, 1)
-    if not worst:
-        raise DatasetError(f"no query of {ctx.source_root} has a correct match in its gallery")
-    q = worst[0]
-    valid = rankings.top[q] >= 0
-    ranked = [gallery_paths[j] for j in rankings.top[q][valid]]
-    correct = rankings.top_correct[q][valid].tolist()
-    pictures = ctx.state.setdefault("pictures", {})
-    pictures["ranked_list"] = ctx.workdir / "ranked_list.png"
-    ranked_list_grid(query_paths[q], ranked, rankings.top_dist[q][valid], correct, out=pictures["ranked_list"])
-    # The best-served query beside its first correct match: do the part tokens find the same body parts?
-    best = int(np.nanargmax(rankings.ap))
-    match = [gallery_paths[j] for j, ok in zip(rankings.top[best], rankings.top_correct[best]) if ok and j >= 0]
-    pictures["attention"] = ctx.workdir / "attention.png"
-    attention_figure(pipeline.model, [query_paths[best], *match[:1]], out=pictures["attention"])
-    logger.info("visualize: worst query %s (AP %.3f); pictures in %s (%.1f s)", Path(query_paths[q]).name,
-                rankings.ap[q], ctx.workdir, time.perf_counter() - t0)
-    return []

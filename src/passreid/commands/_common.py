@@ -92,7 +92,7 @@ def load_model_and_data(args: argparse.Namespace, splits: tuple[str, ...] = ("qu
     """
     from passreid.checkpoint import build_model_from_checkpoint
     from passreid.data.datasets import build_dataset
-    from passreid.engine import resolve_device
+    from passreid.runtime import resolve_device
 
     device = resolve_device(args.device)
     if args.dataset.lower() == "imagefolder" and {"query", "gallery"} & set(splits):
@@ -158,7 +158,7 @@ def run_in_folder(args: argparse.Namespace, cfg: Any, train: Callable[[], Any]) 
     """``train()`` with ``cfg.run.output_dir`` claimed for the run (lock, no silent overwrite, nothing
     left behind by a failed start; see :mod:`passreid.runfolder`), on CPU with a core left to
     each loader worker."""
-    from passreid.engine import cores_beside_workers
+    from passreid.runtime import cores_beside_workers
     from passreid.errors import BadImageError
     from passreid.runfolder import claim_run_folder
 

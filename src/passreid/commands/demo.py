@@ -26,10 +26,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from passreid.demo import demo_stages, run_demo
-    from passreid.engine import resolve_device
+    from passreid.demo import DEMO_STAGES, run_demo
+    from passreid.runtime import resolve_device
 
-    known = [name for _, name, _ in demo_stages()]
+    known = [name for name, _ in DEMO_STAGES]
     unknown = sorted(set(args.stages or ()) - set(known))
     if unknown:
         from passreid.errors import ConfigError

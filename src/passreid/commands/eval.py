@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from passreid.engine import resolve_device
+    from passreid.runtime import resolve_device
     from passreid.errors import ConfigError
     from passreid.evaluation import format_metrics
     from passreid.features import FeatureSet, evaluate_features, extract_features
