@@ -46,6 +46,7 @@ from torch import nn
 from passreid import __version__, _compat
 from passreid.data.transforms import HALF
 from passreid.errors import CheckpointError, ConfigError
+from passreid.fileio import atomic_write
 from passreid.features import eval_interpolation
 
 logger = logging.getLogger(__name__)
@@ -214,9 +215,8 @@ def export_onnx(
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save_model(proto, tmp)
-    os.replace(tmp, out)
+    with atomic_write(out) as f:
+        f.write(proto.SerializeToString())  # what onnx.save_model writes (no external data)
     logger.info("wrote %s (opset %d, %s -> %s (B, %d))", out, opset, contract, OUTPUT_NAME, feat_dim)
     max_diff = verify_onnx(out, model, tolerance=tolerance) if verify else None
     return ExportReport(path=out, img_size=img_size, feat_dim=feat_dim, opset=opset, max_abs_diff=max_diff,

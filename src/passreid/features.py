@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 from passreid.data.datasets import ImageRecord, ReIDDataset
 from passreid.data.images import ImageDataset
 from passreid.data.transforms import HALF, build_test_transform
-from passreid.runtime import autocast, resolve_precision
 from passreid.errors import DatasetError
+from passreid.fileio import atomic_write
+from passreid.runtime import autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +59,12 @@ class FeatureSet:
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
         arrays = dict(features=self.features.astype(np.float32), pids=self.pids.astype(np.int64),
                       camids=self.camids.astype(np.int64))
         if self.paths is not None:
             arrays["paths"] = self.paths.astype(str)
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureSet:

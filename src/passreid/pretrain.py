@@ -637,7 +637,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
         checkpoint_img_size,
         config_value,
         load_parsed,
-        save_atomic,
+        write_export,
     )
 
     parsed = load_parsed(checkpoint)
@@ -664,12 +664,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     meta.update(img_size=list(img_size), arch=arch, source=str(checkpoint), format=parsed.format,
                 epoch=parsed.epoch, mode=mode)
     sidecar = {"meta": meta, "config": parsed.config}
-    out = Path(out)
-    save_atomic(state, out)
-    side_path = out.with_suffix(".json")
-    tmp = side_path.with_name(side_path.name + ".tmp")
-    tmp.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-    tmp.replace(side_path)
+    out = write_export(state, out, sidecar)
     logger.info("exported the %s backbone of %s (%d tensors, %s) to %s", parsed.format, checkpoint, len(state),
                 "x".join(map(str, img_size)), out)
     return sidecar

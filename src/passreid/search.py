@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from passreid.errors import CheckpointError, ConfigError, DatasetError
+from passreid.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -507,9 +508,8 @@ class Gallery:
             if raw is not None:
                 arrays["faiss_index"] = raw
                 arrays["nlist"] = np.array(self._backend.nlist, np.int64)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
         return path
 
     @classmethod

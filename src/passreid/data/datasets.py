@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from passreid.errors import DatasetError
+from passreid.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -470,11 +471,8 @@ def _read_path_list(path: Path) -> list[str]:
 
 def _write_path_list(path: Path, rel_paths: list[str]) -> None:
     """Write atomically: an interrupted write must not leave a truncated index to be trusted later."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.writelines(p + "\n" for p in rel_paths)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- registry
