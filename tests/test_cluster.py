@@ -318,3 +318,59 @@ def test_fewer_clusters_than_a_batch_holds_shrink_the_batch_instead_of_stopping(
     monkeypatch.setattr(passreid.cluster, "pseudo_labels", lambda features, *a, **k: np.zeros(len(features), int))
     with pytest.raises(TrainingError, match=r"epoch 1: DBSCAN .* found 1 cluster\(s\) among .*cluster\.eps"):
         run_cluster(cfg, mode="usl")
+
+
+# ----------------------------------------------------------------------------- DDP: stop and resume
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_stop_resume_worker(rank: int, ports: list[int], root: str, out: str) -> None:
+    """One torchrun-like process: an uninterrupted 2-epoch run, then the same run stopped by SIGTERM after
+    epoch 1 and resumed (each run joins its own process group)."""
+    import os
+    import signal
+
+    import passreid.cluster as cluster
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    original = cluster.train_one_epoch
+
+    def stop_after_epoch_one(*args, **kwargs):
+        stats = original(*args, **kwargs)
+        if kwargs["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, on every rank
+        return stats
+
+    def run(name: str, port: int, **kwargs) -> dict:
+        os.environ["MASTER_PORT"] = str(port)
+        cfg = tiny_config(Path(root), Path(out) / name, epochs=2, iters=3, eval_every=2)
+        return cluster.run_cluster(cfg, mode="usl", **kwargs)
+
+    run("full", ports[0])
+    cluster.train_one_epoch = stop_after_epoch_one
+    assert run("split", ports[1])["stopped"]
+    cluster.train_one_epoch = original
+    assert not run("split", ports[2], resume="")["stopped"]
+
+
+def test_two_gloo_processes_stopped_and_resumed_end_with_the_uninterrupted_weights(banded, tmp_path, spawn):
+    """Each rank's random streams (augmentation, loader seeds) are saved and restored: with rank 0's
+    streams on every rank, rank 1 would train on other augmentations after the resume."""
+    from passreid.training.checkpoints import load_training_checkpoint
+
+    spawn(_ddp_stop_resume_worker, ([_free_port() for _ in range(3)], str(banded), str(tmp_path)), nprocs=2)
+    full = load_training_checkpoint(tmp_path / "full" / "last.pth")
+    split = load_training_checkpoint(tmp_path / "split" / "last.pth")
+    assert full["epoch"] == split["epoch"] == 2 and len(split["rng_per_rank"]) == 2
+    for key, value in full["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]

@@ -416,3 +416,40 @@ def test_two_gloo_processes_end_with_identical_weights(synth, tmp_path, spawn):
     assert not torch.equal(rank0["classifier.weight"], initial.classifier.weight)  # it did train
     assert metrics_of(tmp_path / "run")[0]["steps"] == 3
     assert (tmp_path / "run" / "model.pth").is_file()
+
+
+# ----------------------------------------------------------------------------- the shared run loop
+
+
+def test_fresh_run_over_an_earlier_run_folder_starts_a_clean_metrics_file(synth, tmp_path):
+    """A fresh run (no --resume) into a folder that holds a run replaces its metrics.jsonl instead of
+    appending to it (it appended in fine-tuning, while pretraining and clustering cleared it)."""
+    cfg = tiny_config(synth, tmp_path / "run", "run.epochs=1", "run.max_iters_per_epoch=1")
+    run_finetune(cfg)
+    run_finetune(cfg)
+    assert [r["epoch"] for r in metrics_of(tmp_path / "run")] == [1]
+
+
+class ToyExtraLoss(finetune.ReIDLoss):
+    """ReIDLoss plus a made-up term: what adding a loss looks like to the trainer."""
+
+    def forward(self, logits, features, labels):
+        total, parts = super().forward(logits, features, labels)
+        toy = 1e-3 * features.float().pow(2).mean()
+        return total + toy, {**parts, "toy": toy.detach()}
+
+
+def test_a_new_loss_term_reaches_the_logs_metrics_and_tensorboard_without_touching_the_loop(synth, tmp_path,
+                                                                                            monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr(finetune, "ReIDLoss", ToyExtraLoss)
+    run = tmp_path / "run"
+    run_finetune(tiny_config(synth, run, "run.epochs=1", "run.max_iters_per_epoch=2"))
+    record = metrics_of(run)[0]
+    assert {"loss", "id_loss", "triplet_loss", "toy_loss", "acc"} <= set(record)
+    assert 0 < record["toy_loss"] < record["loss"]
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"epoch/toy_loss", "train/toy_loss", "epoch/id_loss"} <= tags

@@ -478,6 +478,10 @@ def _extract_all(model: nn.Module, records: Sequence[ImageRecord], cfg: ClusterC
                                   on_bad_image="replace" if cfg.data.skip_corrupt else "raise")
     if not info.distributed:
         return extract_features(unwrap(model), records, **kwargs).features
+    # Every rank extracts with rank 0's BatchNorm statistics, those of the model last.pth holds: each
+    # rank's own last training forward pass moved its copy, and a resumed run starts from rank 0's.
+    for buffer in unwrap(model).buffers():
+        dist.broadcast(buffer, src=0)
     share = extract_features(unwrap(model), records[info.rank::info.world_size], **kwargs).features
     shares: list[Any] = [None] * info.world_size
     dist.all_gather_object(shares, share)
