@@ -5,7 +5,7 @@ it draws random-but-clustered unit features (D 768, about N/16 clusters of
 varying size plus 10% scattered points) and times, each in its own process so
 that peak memories do not mix:
 
-- ``sparse``: the passreid path of :func:`passreid.cluster.pseudo_labels` (kNN
+- ``sparse``: the passreid path of :func:`passreid.clustering.pseudo_labels` (kNN
   graph, sparse Jaccard keeping only distances within eps, DBSCAN on the sparse
   matrix);
 - ``dense``: the classic formulation written out with N x N arrays (squared

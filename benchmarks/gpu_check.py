@@ -322,7 +322,7 @@ def stage_jaccard(check: Check) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from passreid.cluster import pseudo_labels
+    from passreid.clustering import pseudo_labels
     from passreid.kreciprocal import jaccard_distance
 
     rng = np.random.default_rng(0)

@@ -11,13 +11,9 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from passreid.cluster import (
-    ClusterConfig,
-    ClusterMemory,
-    cluster_centroids,
-    cluster_stats,
-    pseudo_labels,
-)
+from passreid.cluster import ClusterConfig
+from passreid.clustering import cluster_stats, pseudo_labels
+from passreid.losses.cluster_memory import ClusterMemory, cluster_centroids
 from passreid.config import load_config
 from passreid.errors import ConfigError
 

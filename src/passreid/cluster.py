@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,8 @@ from passreid.data.datasets import ImageRecord
 from passreid.runtime import (
     DistInfo,
     agree_across_ranks,
+    broadcast_from_main,
+    gather_rows,
     autocast,
     explain_oom,
     make_grad_scaler,
@@ -46,13 +47,14 @@ from passreid.runtime import (
     unwrap,
 )
 from passreid.errors import ConfigError, DatasetError, TrainingError
+from passreid.clustering import cluster_stats, pseudo_labels
+from passreid.losses.cluster_memory import MEMORY_MODES, ClusterMemory
 from passreid.models import ReIDModel
 from passreid.training.run import GracefulStop, MeanStats, TrainingRun, describe, loss_is_finite
 
 logger = logging.getLogger(__name__)
 
 MODES = ("usl", "uda")
-MEMORY_MODES = ("hard", "mean", "instance")
 SAMPLERS = ("camera", "identity")
 
 
@@ -164,152 +166,6 @@ class ClusterConfig:
                               f"after-neck feature (DESIGN §5); set it to 'after', not {self.model.test_feature!r}")
 
 
-# ----------------------------------------------------------------------------- pseudo labels
-
-
-def pseudo_labels(
-    features: np.ndarray | Tensor,
-    eps: float,
-    min_samples: int = 4,
-    k1: int = 30,
-    k2: int = 6,
-    *,
-    search: str = "auto",
-    device: torch.device | str | None = None,
-) -> np.ndarray:
-    """DBSCAN on sparse k-reciprocal Jaccard distances: one pseudo identity per cluster.
-
-    Args:
-        features: (N, D) L2-normalised features of the images to cluster.
-        eps: DBSCAN radius on the Jaccard distance (0.6 Market, 0.7 MSMT17).
-        min_samples: images within ``eps`` (itself included) that make a core point.
-        k1, k2: k-reciprocal neighbourhood size and query-expansion size.
-        search, device: kNN back end of :func:`passreid.kreciprocal.jaccard_distance`.
-
-    Returns:
-        (N,) int64 labels ``0..C-1``, ``-1`` for outliers.
-
-    The distance matrix stays sparse: pairs that share no k-reciprocal
-    neighbour are at distance 1 and pairs farther than ``eps`` can never be
-    DBSCAN neighbours, so neither is stored; DBSCAN's precomputed sparse mode
-    reads a missing pair as "not a neighbour" (eps < 1).
-    """
-    from sklearn.cluster import DBSCAN
-
-    from passreid.kreciprocal import jaccard_distance
-
-    t0 = time.perf_counter()
-    dist_matrix = jaccard_distance(features, k1=k1, k2=k2, search=search, device=device, max_distance=eps)
-    t1 = time.perf_counter()
-    labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed", n_jobs=-1).fit_predict(dist_matrix)
-    labels = labels.astype(np.int64)
-    stats = cluster_stats(labels)
-    logger.info("pseudo labels: %d clusters, %.1f%% outliers of %d images (eps %.3g; Jaccard %.1f s, DBSCAN %.1f s)",
-                stats["num_clusters"], 100 * stats["outlier_fraction"], len(labels), eps, t1 - t0,
-                time.perf_counter() - t1)
-    return labels
-
-
-def cluster_stats(labels: np.ndarray) -> dict[str, float]:
-    """Number of clusters and the fraction of outliers (label -1) in ``labels`` (N,)."""
-    n = max(len(labels), 1)
-    return {"num_clusters": int(labels.max()) + 1 if len(labels) else 0,
-            "outlier_fraction": float((labels < 0).sum()) / n}
-
-
-def cluster_centroids(features: Tensor, labels: Tensor) -> Tensor:
-    """L2-normalised mean feature of each cluster: (N, F), (N,) in ``-1..C-1`` -> (C, F); outliers ignored."""
-    keep = labels >= 0
-    feats, labels = features[keep].float(), labels[keep]
-    num_clusters = int(labels.max()) + 1
-    sums = torch.zeros(num_clusters, feats.shape[1], dtype=feats.dtype, device=feats.device)
-    sums.index_add_(0, labels, feats)
-    counts = torch.bincount(labels, minlength=num_clusters).clamp_min(1).unsqueeze(1)
-    return F.normalize(sums / counts, dim=1)
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-class ClusterMemory(nn.Module):
-    """One L2-normalised centroid per pseudo identity, and the contrastive loss against them.
-
-    Loss of a batch ``x`` (B, F) with pseudo labels ``y`` (B,):
-    ``CE(normalize(x) @ M.T / temp, y)`` with M (C, F) the memory (no gradient).
-
-    After each optimiser step :meth:`update` moves the entries of the clusters
-    present in the batch towards the batch (``m`` = momentum, 0.2), each
-    ``x`` below being a normalised batch feature:
-
-    - ``hard`` (default): per cluster c in the batch, its hardest instance
-      ``x_h`` (lowest cosine similarity to M[c]; the first one on ties):
-      ``M[c] <- normalize(m * M[c] + (1 - m) * x_h)``.
-    - ``mean``: per cluster c in the batch, the mean ``x̄_c`` of its instances:
-      ``M[c] <- normalize(m * M[c] + (1 - m) * x̄_c)``.
-    - ``instance`` (the published plain update): every instance i in batch
-      order, ``M[y_i] <- normalize(m * M[y_i] + (1 - m) * x_i)``, so later
-      instances of a cluster weigh more.
-
-    Args:
-        num_features: F, the feature size.
-        num_clusters: C, the number of pseudo identities.
-        temp: softmax temperature of the similarities.
-        momentum: weight kept by the old entry in an update.
-        mode: ``hard``, ``mean`` or ``instance``.
-    """
-
-    def __init__(self, num_features: int, num_clusters: int, temp: float = 0.05, momentum: float = 0.2,
-                 mode: str = "hard") -> None:
-        super().__init__()
-        if mode not in MEMORY_MODES:
-            raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}; got {mode!r}")
-        self.temp = temp
-        self.momentum = momentum
-        self.mode = mode
-        self.register_buffer("centroids", torch.zeros(num_clusters, num_features))
-
-    @classmethod
-    def from_features(cls, features: Tensor, labels: Tensor, *, temp: float = 0.05, momentum: float = 0.2,
-                      mode: str = "hard") -> ClusterMemory:
-        """A memory initialised with the normalised cluster means of ``features`` (N, F), ``labels`` (N,)."""
-        centroids = cluster_centroids(features, labels)
-        memory = cls(centroids.shape[1], centroids.shape[0], temp=temp, momentum=momentum, mode=mode)
-        memory.centroids.copy_(centroids)
-        return memory.to(features.device)
-
-    @property
-    def num_clusters(self) -> int:
-        return self.centroids.shape[0]
-
-    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        """Cross-entropy of (B, F) features against all (C, F) centroids at ``temp``; returns a scalar."""
-        logits = F.normalize(features.float(), dim=1) @ self.centroids.t()
-        return F.cross_entropy(logits / self.temp, labels)
-
-    @torch.no_grad()
-    def update(self, features: Tensor, labels: Tensor) -> None:
-        """Momentum update of the entries of the clusters in the batch: (B, F) features, (B,) labels."""
-        x = F.normalize(features.detach().float(), dim=1)
-        m = self.momentum
-        if self.mode == "instance":
-            for xi, yi in zip(x, labels.tolist()):
-                self.centroids[yi] = F.normalize(m * self.centroids[yi] + (1 - m) * xi, dim=0)
-            return
-        clusters, inverse = torch.unique(labels, return_inverse=True)
-        if self.mode == "hard":
-            sims = (x * self.centroids[labels]).sum(dim=1)
-            lowest = torch.full((len(clusters),), float("inf"), device=x.device)
-            lowest = lowest.scatter_reduce(0, inverse, sims, reduce="amin")
-            position = torch.arange(len(x), device=x.device)
-            candidates = torch.where(sims == lowest[inverse], position, len(x))
-            first = torch.full((len(clusters),), len(x), device=x.device)
-            chosen = x[first.scatter_reduce(0, inverse, candidates, reduce="amin")]
-        else:
-            sums = torch.zeros(len(clusters), x.shape[1], device=x.device).index_add_(0, inverse, x)
-            chosen = sums / torch.bincount(inverse, minlength=len(clusters)).unsqueeze(1)
-        self.centroids[clusters] = F.normalize(m * self.centroids[clusters] + (1 - m) * chosen, dim=1)
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -387,15 +243,6 @@ def calibrate_necks(model: ReIDModel, loader: Iterable[Any], device: torch.devic
 # ----------------------------------------------------------------------------- one epoch
 
 
-def _gather(tensor: Tensor, world_size: int) -> Tensor:
-    """Concatenate equally shaped (B, ...) tensors of all ranks in rank order (no gradient)."""
-    if world_size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
 def train_one_epoch(
     model: nn.Module,
     memory: ClusterMemory,
@@ -454,7 +301,7 @@ def train_one_epoch(
                 scaler.step(optimizer)
                 scaler.update()
         if finite:
-            memory.update(_gather(feats.detach(), world_size), _gather(labels, world_size))
+            memory.update(gather_rows(feats.detach(), world_size), gather_rows(labels, world_size))
             sums.add({"loss": loss.detach().double().cpu()})
         if step % log_every == 0 and sums.count:
             logger.info("epoch %d step %d/%d: %s", epoch, step, iters, describe(sums.means()))
@@ -500,14 +347,6 @@ def _plain_loader(records: Sequence[ImageRecord], cfg: ClusterConfig) -> DataLoa
                                                                    cfg.data.pixel_std),
                            skip_corrupt=cfg.data.skip_corrupt)
     return DataLoader(dataset, batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
-
-
-def _broadcast_labels(labels: np.ndarray | None, info: DistInfo) -> np.ndarray:
-    """Rank 0's pseudo labels on every rank (DBSCAN is run once; other ranks pass None)."""
-    box: list[Any] = [labels]
-    if info.distributed:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistInfo,
@@ -596,7 +435,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         iters = cfg.optim.iters
         if cfg.run.max_iters_per_epoch:
             iters = min(iters, cfg.run.max_iters_per_epoch)
-        if cfg.cluster.calibrate_necks and state.epoch == 0:
+        if cfg.cluster.calibrate_necks and not run.resumed:
             calibrate_necks(model, _plain_loader(dataset.train[info.rank::info.world_size], cfg), info.device,
                             precision, info.world_size)
         metrics: dict[str, Any] = {}
@@ -606,7 +445,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
             if info.is_main:
                 labels = pseudo_labels(features, cfg.cluster.eps, cfg.cluster.min_samples, cfg.cluster.k1,
                                        cfg.cluster.k2, search=cfg.cluster.search, device=info.device)
-            labels = _broadcast_labels(labels, info)
+            labels = broadcast_from_main(labels, info)  # DBSCAN runs once, on rank 0
             stats = cluster_stats(labels)
             if stats["num_clusters"] < max(2, info.world_size):  # a contrast needs two clusters per batch
                 raise TrainingError(

@@ -1,4 +1,5 @@
-"""ONNX export of a ReID model's test path: images (B, 3, H, W) -> unit features (B, F).
+"""Exports: a pretraining checkpoint's backbone (:func:`export_backbone`, ``passreid export-backbone``)
+and the ONNX graph of a ReID model's test path: images (B, 3, H, W) -> unit features (B, F).
 
 Uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``,
 which needs ``onnxscript``: ``pip install 'passreid[onnx]'``) on torch 2.8 and newer;
@@ -48,6 +49,8 @@ from passreid.data.transforms import HALF
 from passreid.errors import CheckpointError, ConfigError
 from passreid.fileio import atomic_write
 from passreid.features import eval_interpolation
+from passreid.models import PassViT
+from passreid.models.vit import NUM_PARTS
 
 logger = logging.getLogger(__name__)
 
@@ -304,3 +307,61 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, *, batch_sizes: Seque
         raise CheckpointError(f"{path}: onnxruntime differs from torch by {worst:.2e} (tolerance {tolerance:.0e})")
     logger.info("onnxruntime matches torch on batches %s: max abs diff %.2e", list(batch_sizes), worst)
     return worst
+
+
+# ----------------------------------------------------------------------------- backbone export
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the teacher backbone of ``checkpoint`` as a plain ``{name: tensor}`` state dict with the PASS
+    names (DESIGN §2) to ``out``, and ``{"meta", "config"}`` to ``out`` with suffix ``.json``.
+
+    ``checkpoint`` is a training checkpoint of :func:`run_pretrain` or any format
+    :func:`passreid.checkpoint.parse_checkpoint` knows (a published PASS or DINO
+    pretraining checkpoint, a bare or timm backbone). A plain-DINO ablation
+    trained no part tokens: they are written as copies of the class token and
+    its position, as a DINO checkpoint is converted (DESIGN §2 (d)).
+
+    Returns:
+        the sidecar dict (``meta`` holds ``img_size``, ``arch``, ``source``, ``format``, ``epoch``).
+
+    Raises:
+        CheckpointError: no backbone, or its names are not exactly those of a PASS ViT.
+    """
+    from passreid.checkpoint import (
+        backbone_arch,
+        build_meta,
+        checkpoint_img_size,
+        config_value,
+        load_parsed,
+        write_export,
+    )
+
+    parsed = load_parsed(checkpoint)
+    if parsed.unknown:
+        raise CheckpointError(f"{checkpoint}: tensors outside the backbone layout: {', '.join(sorted(parsed.unknown))}")
+    state = {k: v.detach().clone().contiguous() for k, v in parsed.backbone.items()}
+    mode = config_value(parsed.config, "model.mode") or "pass"
+    if mode == "dino":
+        for k in range(1, NUM_PARTS + 1):
+            state[f"part_token{k}"] = state["cls_token"].clone()
+            state[f"part{k}_pos"] = state["cls_pos"].clone()
+    arch = backbone_arch(state)
+    img_size, _ = checkpoint_img_size(parsed)
+    reference = PassViT(img_size=img_size, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
+                        depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"],
+                        qkv_bias=arch["qkv_bias"]).state_dict()
+    missing = sorted(set(reference) - set(state))
+    unexpected = sorted(set(state) - set(reference))
+    wrong = sorted(k for k in set(reference) & set(state) if reference[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{checkpoint}: the backbone does not have the PASS layout; missing: {missing}, "
+                              f"unexpected: {unexpected}, shapes differ: {wrong}")
+    meta = dict(parsed.meta or build_meta(None))
+    meta.update(img_size=list(img_size), arch=arch, source=str(checkpoint), format=parsed.format,
+                epoch=parsed.epoch, mode=mode)
+    sidecar = {"meta": meta, "config": parsed.config}
+    out = write_export(state, out, sidecar)
+    logger.info("exported the %s backbone of %s (%d tensors, %s) to %s", parsed.format, checkpoint, len(state),
+                "x".join(map(str, img_size)), out)
+    return sidecar

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from passreid.config import RunConfig, check_choice, check_img_size, check_positive
 from passreid.data.datasets import ImageRecord
@@ -42,12 +42,12 @@ from passreid.runtime import (
     resolve_precision,
     unwrap,
 )
-from passreid.errors import CheckpointError, ConfigError
-from passreid.losses.pass_loss import PASSLoss, ViewLogits
-from passreid.models import PassViT, create_model
-from passreid.models.heads import TOKEN_NAMES, PassHeads
-from passreid.models.vit import NUM_PARTS
-from passreid.monitor import RetrievalMonitor, class_token_only, collapse_warning
+from passreid.errors import ConfigError
+from passreid.losses.pass_loss import PASSLoss
+from passreid.data.samplers import EpochSampler
+from passreid.export import export_backbone
+from passreid.models.pretrain_net import PassPretrainNet, build_pretrain_networks
+from passreid.monitor import RetrievalMonitor, collapse_warning, describe_monitor
 from passreid.training.run import GracefulStop, RunDir, TrainingRun, loss_is_finite
 from passreid.training.schedules import PretrainSchedule
 
@@ -240,86 +240,18 @@ class PretrainConfig:
         )
 
 
-# ----------------------------------------------------------------------------- networks
-
-
-class PassPretrainNet(nn.Module):
-    """Backbone + per-token projection heads over multi-crop views (student or teacher).
-
-    State-dict keys are ``backbone.*`` (the PASS names) and ``head.*``, the
-    layout of the published pretraining checkpoints' ``student``/``teacher``.
-
-    Args:
-        backbone: the PASS ViT.
-        head: :class:`PassHeads` with 4 heads (PASS) or 1 (DINO ablation: the
-            backbone then runs on ``[cls, patches]`` only, without part tokens).
-    """
-
-    def __init__(self, backbone: PassViT, head: PassHeads) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    @property
-    def part_aware(self) -> bool:
-        return self.head.num_tokens > 1
-
-    def forward(self, global_views: Tensor, local_views: Tensor | None = None) -> ViewLogits:
-        """Logits of every token type over the views.
-
-        Args:
-            global_views: (G, B, 3, H, W).
-            local_views: (L, B, 3, h, w), band-major for PASS (band k: views
-                ``k*L/3 .. (k+1)*L/3 - 1``); None for the teacher.
-
-        Returns:
-            :class:`ViewLogits`: cls (G + L, B, K); part k (G + L/3, B, K): its
-            global views, then the local crops of band k.
-        """
-        batch = global_views.shape[1]
-        if not self.part_aware:
-            views = [global_views] if local_views is None else [global_views, local_views]
-            cls = torch.cat([class_token_only(self.backbone, v.flatten(0, 1)) for v in views])
-            return ViewLogits(self.head(cls, 0).unflatten(0, (-1, batch)), ())
-        tokens = self.backbone(global_views.flatten(0, 1))  # (G*B, 4, D)
-        cls_in = [tokens[:, 0]]
-        part_in = [[tokens[:, k]] for k in range(1, NUM_PARTS + 1)]
-        if local_views is not None:
-            per_band = local_views.shape[0] // NUM_PARTS
-            for k in range(NUM_PARTS):
-                crops = local_views[k * per_band:(k + 1) * per_band].flatten(0, 1)
-                out = self.backbone(crops, part=k + 1)  # (n*B, 2, D): [cls, part_k]
-                cls_in.append(out[:, 0])
-                part_in[k].append(out[:, 1])
-        cls = self.head(torch.cat(cls_in), 0).unflatten(0, (-1, batch))
-        parts = tuple(self.head(torch.cat(part_in[k]), k + 1).unflatten(0, (-1, batch)) for k in range(NUM_PARTS))
-        return ViewLogits(cls, parts)
+# ----------------------------------------------------------------------------- networks and optimisation pieces
 
 
 def build_networks(model_cfg: PretrainModelConfig, img_size: Sequence[int]) -> tuple[PassPretrainNet, PassPretrainNet]:
-    """Student (drop path) and teacher (no drop path, no gradient, same initial weights)."""
-    num_tokens = len(TOKEN_NAMES) if model_cfg.mode == "pass" else 1
-    size = (img_size[0], img_size[1])
-    head_kwargs: dict[str, Any] = dict(out_dim=model_cfg.out_dim, hidden_dim=model_cfg.hidden_dim,
-                                       bottleneck_dim=model_cfg.bottleneck_dim,
-                                       norm_last_layer=model_cfg.norm_last_layer)
-    nets = []
-    for drop_path in (model_cfg.drop_path_rate, 0.0):
-        backbone = create_model(model_cfg.name, img_size=size, depth=model_cfg.depth, drop_path_rate=drop_path)
-        nets.append(PassPretrainNet(backbone, PassHeads(backbone.embed_dim, num_tokens=num_tokens, **head_kwargs)))
-    student, teacher = nets
-    if num_tokens == 1:
-        # Unused in the ablation: keep them out of the optimiser (and of DDP's gradient reduction).
-        parts = range(1, NUM_PARTS + 1)
-        for name in (*(f"part_token{k}" for k in parts), *(f"part{k}_pos" for k in parts)):
-            getattr(student.backbone, name).requires_grad_(False)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    teacher.eval()
-    return student, teacher
+    """Student (drop path) and teacher (no drop path, no gradient, same initial weights) of ``model_cfg``."""
+    return build_pretrain_networks(
+        model_cfg.name, img_size=(img_size[0], img_size[1]), depth=model_cfg.depth,
+        drop_path_rate=model_cfg.drop_path_rate, part_aware=model_cfg.mode == "pass", out_dim=model_cfg.out_dim,
+        hidden_dim=model_cfg.hidden_dim, bottleneck_dim=model_cfg.bottleneck_dim,
+        norm_last_layer=model_cfg.norm_last_layer)
 
 
-# ----------------------------------------------------------------------------- optimisation pieces
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -359,41 +291,6 @@ def last_layer_params(model: nn.Module) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-class EpochSampler(Sampler[int]):
-    """A new permutation every epoch (seeded by ``seed + epoch``), this rank's share, whole batches only.
-
-    ``set_epoch(epoch, start_batch)`` skips the first batches, so a run stopped
-    inside an epoch continues with the images it had not seen yet.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.start_batch = 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_samples // self.world_size // self.batch_size
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.num_samples, generator=generator)
-        mine = perm[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
-        return iter(mine[self.start_batch * self.batch_size:].tolist())
-
-    def __len__(self) -> int:
-        return max(0, self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
 class CompactRecords(Sequence[ImageRecord]):
@@ -612,64 +509,6 @@ def train_one_epoch(
     return out
 
 
-# ----------------------------------------------------------------------------- export
-
-
-def export_backbone(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write the teacher backbone of ``checkpoint`` as a plain ``{name: tensor}`` state dict with the PASS
-    names (DESIGN §2) to ``out``, and ``{"meta", "config"}`` to ``out`` with suffix ``.json``.
-
-    ``checkpoint`` is a training checkpoint of :func:`run_pretrain` or any format
-    :func:`passreid.checkpoint.parse_checkpoint` knows (a published PASS or DINO
-    pretraining checkpoint, a bare or timm backbone). A plain-DINO ablation
-    trained no part tokens: they are written as copies of the class token and
-    its position, as a DINO checkpoint is converted (DESIGN §2 (d)).
-
-    Returns:
-        the sidecar dict (``meta`` holds ``img_size``, ``arch``, ``source``, ``format``, ``epoch``).
-
-    Raises:
-        CheckpointError: no backbone, or its names are not exactly those of a PASS ViT.
-    """
-    from passreid.checkpoint import (
-        backbone_arch,
-        build_meta,
-        checkpoint_img_size,
-        config_value,
-        load_parsed,
-        write_export,
-    )
-
-    parsed = load_parsed(checkpoint)
-    if parsed.unknown:
-        raise CheckpointError(f"{checkpoint}: tensors outside the backbone layout: {', '.join(sorted(parsed.unknown))}")
-    state = {k: v.detach().clone().contiguous() for k, v in parsed.backbone.items()}
-    mode = config_value(parsed.config, "model.mode") or "pass"
-    if mode == "dino":
-        for k in range(1, NUM_PARTS + 1):
-            state[f"part_token{k}"] = state["cls_token"].clone()
-            state[f"part{k}_pos"] = state["cls_pos"].clone()
-    arch = backbone_arch(state)
-    img_size, _ = checkpoint_img_size(parsed)
-    reference = PassViT(img_size=img_size, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
-                        depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"],
-                        qkv_bias=arch["qkv_bias"]).state_dict()
-    missing = sorted(set(reference) - set(state))
-    unexpected = sorted(set(state) - set(reference))
-    wrong = sorted(k for k in set(reference) & set(state) if reference[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{checkpoint}: the backbone does not have the PASS layout; missing: {missing}, "
-                              f"unexpected: {unexpected}, shapes differ: {wrong}")
-    meta = dict(parsed.meta or build_meta(None))
-    meta.update(img_size=list(img_size), arch=arch, source=str(checkpoint), format=parsed.format,
-                epoch=parsed.epoch, mode=mode)
-    sidecar = {"meta": meta, "config": parsed.config}
-    out = write_export(state, out, sidecar)
-    logger.info("exported the %s backbone of %s (%d tensors, %s) to %s", parsed.format, checkpoint, len(state),
-                "x".join(map(str, img_size)), out)
-    return sidecar
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -682,14 +521,6 @@ def build_monitor(cfg: PretrainConfig, device: torch.device) -> RetrievalMonitor
     dataset = build_dataset(cfg.eval.dataset, cfg.eval.root)
     return RetrievalMonitor(dataset, cfg.data.img_size, device=device, batch_size=cfg.eval.batch_size,
                             knn_k=cfg.eval.knn_k)
-
-
-def describe_monitor(record: dict[str, Any]) -> str:
-    """``mAP 12.3% R1 30.1% kNN 41.0%`` for the log line."""
-    text = f"mAP {100 * record['mAP']:.1f}% R1 {100 * record.get('rank1', math.nan):.1f}%"
-    if "knn_top1" in record:
-        text += f" kNN {100 * record['knn_top1']:.1f}%"
-    return text
 
 
 def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: bool = False,

@@ -208,6 +208,23 @@ def agree_across_ranks(loss: torch.Tensor, stop: StopFlag | None) -> tuple[torch
     return packed[0] / dist.get_world_size(), bool(packed[1] > 0)
 
 
+def gather_rows(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate equally shaped (B, ...) tensors of all ranks in rank order (no gradient)."""
+    if world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_from_main(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` (any picklable object) on every rank; other ranks pass anything, e.g. None."""
+    box: list[Any] = [obj]
+    if info.distributed:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ----------------------------------------------------------------------------- threads and memory
 
 

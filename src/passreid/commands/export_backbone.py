@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from passreid.pretrain import export_backbone
+    from passreid.export import export_backbone
 
     sidecar = export_backbone(args.checkpoint, args.out)
     meta = sidecar["meta"]

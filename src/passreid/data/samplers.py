@@ -25,6 +25,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
 
 from passreid.errors import DatasetError
@@ -229,3 +230,38 @@ class CameraAwareIdentitySampler(RandomIdentitySampler):
         batches = [np.concatenate(blocks[i : i + p]) for i in range(0, len(blocks) - p + 1, p)]
         self._cache = (self.epoch, batches)
         return batches
+
+
+class EpochSampler(Sampler[int]):
+    """A new permutation every epoch (seeded by ``seed + epoch``), this rank's share, whole batches only.
+
+    ``set_epoch(epoch, start_batch)`` skips the first batches, so a run stopped
+    inside an epoch continues with the images it had not seen yet.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.world_size // self.batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.num_samples, generator=generator)
+        mine = perm[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
+        return iter(mine[self.start_batch * self.batch_size:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.start_batch) * self.batch_size

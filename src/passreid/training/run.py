@@ -321,11 +321,12 @@ class TrainingRun:
         if self.info.distributed:
             dist.barrier()
 
-    def interrupt(self, epoch: int, step: int, note: str = "") -> None:
+    def interrupt(self, epoch: int, step: int, note: str = "", extra: dict[str, Any] | None = None) -> None:
         """A stop request ended ``epoch`` after ``step`` steps: save ``last.pth`` at that position
-        (``step`` 0: the epoch is rerun from its start on resume) and end the run. A collective."""
+        (``step`` 0: the epoch is rerun from its start on resume), with ``extra`` (what the stage
+        needs to continue the epoch, read back from :attr:`ckpt`), and end the run. A collective."""
         self.state.step = step
-        self.save_last()
+        self.save_last(extra)
         self.stopped = True
         logger.warning("stopped in epoch %d after step %d; %s holds the run%s", epoch, step, self.dir.last, note)
 
@@ -345,15 +346,15 @@ class TrainingRun:
             return {name: unwrap(module).state_dict() for name, module in model.items()}
         return unwrap(model).state_dict()
 
-    def save_last(self) -> None:
-        """``last.pth`` with every part, every rank's random streams and :attr:`state`. A collective:
-        all ranks call it, the main one writes."""
+    def save_last(self, extra: dict[str, Any] | None = None) -> None:
+        """``last.pth`` with every part, every rank's random streams, :attr:`state` and ``extra``.
+        A collective: all ranks call it, the main one writes."""
         rng_all = gather_rng_states(self.info)
         if self.info.is_main:
             save_training_checkpoint(self.dir.last, model=self._model_states(), optimizer=self._parts["optimizer"],
                                      scheduler=self._parts["scheduler"], scaler=self._parts["scaler"],
                                      epoch=self.state.epoch, config=self.config, fingerprint=self.fingerprint,
-                                     extra={**self.state.as_extra(), "rng_per_rank": rng_all})
+                                     extra={**self.state.as_extra(), "rng_per_rank": rng_all, **(extra or {})})
 
     def keep_best(self, epoch: int, metrics: dict[str, float], model: nn.Module, selected_on: str) -> dict[str, float]:
         """Record an evaluation (a :func:`~passreid.features.metrics_record`) and, on a new best mAP,
