@@ -17,7 +17,7 @@ PACKAGE = SRC / "passreid"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("passreid.errors", "passreid._compat", "passreid.fileio", "passreid.runfolder")),
-    ("compute", ("passreid.runtime", "passreid.distance")),
+    ("compute", ("passreid.runtime", "passreid.distance", "passreid.knn")),
     ("parts", ("passreid.models", "passreid.losses", "passreid.data", "passreid.evaluation",
                "passreid.kreciprocal", "passreid.clustering")),
     ("config", ("passreid.config",)),

@@ -154,7 +154,7 @@ def test_dbscan_recovers_separated_clusters() -> None:
 def test_search_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="'auto', 'faiss' or 'torch'"):
         jaccard_distance(_features(0), search="annoy")  # type: ignore[arg-type]
-    monkeypatch.setattr(kreciprocal, "_faiss_available", lambda: False)
+    monkeypatch.setattr(kreciprocal, "faiss_available", lambda: False)
     with pytest.raises(ConfigError, match="faiss"):
         jaccard_distance(_features(0), search="faiss")
     assert kreciprocal._resolve_search("auto", None) == "torch"

@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from passreid.data.images import read_image
 from passreid.data.transforms import HALF, build_test_transform
-from passreid.features import eval_interpolation
-from passreid.runtime import autocast, resolve_device, resolve_precision
 from passreid.errors import DatasetError
+from passreid.features import eval_interpolation, forward_features
+from passreid.runtime import resolve_device, resolve_precision
 from passreid.models import PassViT, ReIDModel
 from passreid.search import Gallery, SearchResult
 
@@ -199,10 +199,7 @@ class ReIDPipeline:
 
     def _forward(self, batch: torch.Tensor, flip: bool) -> torch.Tensor:
         """Preprocessed (B, 3, H, W) -> unit features (B, F) on the CPU (flip as in the evaluation path)."""
-        with autocast(self.device, self.precision):
-            feats = self.model(batch).float()
-            if flip:
-                feats = feats + self.model(batch.flip(-1)).float()
+        feats = forward_features(self.model, batch, device=self.device, precision=self.precision, flip=flip)
         return nn.functional.normalize(feats, dim=1).cpu()
 
     def build_gallery(

@@ -99,6 +99,17 @@ def eval_interpolation(model: nn.Module) -> str:
 
 
 @torch.no_grad()
+def forward_features(model: nn.Module, images: torch.Tensor, *, device: torch.device, precision: str = "fp32",
+                     flip: bool = False) -> torch.Tensor:
+    """(B, 3, H, W) on ``device`` -> (B, F) float32 test features, not normalised; with ``flip``, the
+    mean of the image's and its mirror's (the one flip-averaging of the evaluation and the API)."""
+    with autocast(device, precision):
+        feats = model(images).float()
+        if flip:
+            feats = (feats + model(images.flip(-1)).float()) / 2
+    return feats
+
+
 def extract_features(
     model: nn.Module,
     records: Sequence[ImageRecord],
@@ -157,11 +168,8 @@ def extract_features(
 
         batches = tqdm(loader, desc="extract", unit="batch", leave=False)
     for images, *_ in batches:
-        images = images.to(device, non_blocking=True)
-        with autocast(device, precision):
-            feats = model(images).float()
-            if flip:
-                feats = (feats + model(images.flip(-1)).float()) / 2
+        feats = forward_features(model, images.to(device, non_blocking=True), device=device, precision=precision,
+                                 flip=flip)
         chunks.append((nn.functional.normalize(feats, dim=1) if normalize else feats).cpu())
     model.train(was_training)
     features = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)

@@ -39,6 +39,7 @@ import scipy.sparse as sp
 import torch
 
 from passreid.errors import ConfigError
+from passreid.knn import faiss_available, knn_faiss
 from passreid.distance import (
     block_max,
     distance_chunks,
@@ -68,25 +69,6 @@ def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- neighbours
-
-
-def _faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _knn_faiss(features: torch.Tensor, k: int) -> np.ndarray:
-    """``(N, k)`` int64 indices of the k nearest points (squared L2, self included), by faiss."""
-    import faiss
-
-    feats = features.numpy()
-    index = faiss.IndexFlatL2(feats.shape[1])
-    index.add(feats)
-    _, nn = index.search(feats, k)
-    return nn.astype(np.int64, copy=False)
 
 
 def _knn_torch(
@@ -199,11 +181,11 @@ def _merge_neighbours(
 def _resolve_search(search: Search, device: torch.device | None) -> str:
     if search not in ("auto", "faiss", "torch"):
         raise ConfigError(f"search must be 'auto', 'faiss' or 'torch', got {search!r}")
-    if search == "faiss" and not _faiss_available():
+    if search == "faiss" and not faiss_available():
         raise ConfigError("search='faiss' needs the faiss package (pip install faiss-cpu), or use search='torch'")
     if search == "auto":
         on_cpu = device is None or device.type == "cpu"
-        return "faiss" if on_cpu and _faiss_available() else "torch"
+        return "faiss" if on_cpu and faiss_available() else "torch"
     return search
 
 
@@ -442,7 +424,7 @@ def jaccard_distance(
     k = min(max(n_full, n_half, k2), num)
     workers = max(1, torch.get_num_threads())
     with torch.inference_mode():
-        nn = _knn_faiss(feats, k) if backend == "faiss" else _knn_torch(feats, k, dev, threads=workers)[0]
+        nn = knn_faiss(feats, k) if backend == "faiss" else _knn_torch(feats, k, dev, threads=workers)[0]
     feats_np = feats.numpy()
     v = _encode(feats_np, nn, n_full=n_full, n_half=n_half, k2=min(k2, num), scale=None)
     sums = _MinSums(v, range(num), workers)

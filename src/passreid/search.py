@@ -54,6 +54,7 @@ import torch
 
 from passreid.errors import CheckpointError, ConfigError, DatasetError
 from passreid.fileio import atomic_write
+from passreid.knn import faiss_available, import_faiss
 
 logger = logging.getLogger(__name__)
 
@@ -73,28 +74,8 @@ MIN_SCORE_STD = 1e-6
 """Below this spread of a query's cosines (float32 resolution near 1 is 6e-8) a standard score means nothing: NaN."""
 
 
-def _import_faiss() -> Any:
-    """``import faiss`` without its loader's INFO lines about CPU-specific builds it could not find."""
-    loader = logging.getLogger("faiss.loader")
-    level = loader.level
-    loader.setLevel(max(loader.getEffectiveLevel(), logging.WARNING))
-    try:
-        import faiss
-    finally:
-        loader.setLevel(level)
-    return faiss
-
-
 class ModelMismatchError(CheckpointError):
     """A gallery is queried or extended with another model than the one whose features it holds."""
-
-
-def faiss_available() -> bool:
-    try:
-        _import_faiss()
-    except ImportError:
-        return False
-    return True
 
 
 def default_nlist(num_vectors: int) -> int:
@@ -200,7 +181,7 @@ class _FaissIndex:
     """A faiss ``IndexFlatIP`` or ``IndexIVFFlat`` (trained on the first vectors added)."""
 
     def __init__(self, dim: int, index: IndexType, nlist: int | None, nprobe: int, raw: Any = None) -> None:
-        faiss = _import_faiss()
+        faiss = import_faiss()
 
         self.kind = index
         self.nlist = nlist
@@ -222,7 +203,7 @@ class _FaissIndex:
         self.index.add(x)
 
     def _train_ivf(self, x: np.ndarray) -> None:
-        faiss = _import_faiss()
+        faiss = import_faiss()
 
         nlist = self.nlist or default_nlist(len(x))
         if len(x) < nlist:
@@ -251,7 +232,7 @@ class _FaissIndex:
 
     def serialize(self) -> np.ndarray | None:
         """The IVF index as bytes (its trained lists must survive a save); a flat index is rebuilt instead."""
-        faiss = _import_faiss()
+        faiss = import_faiss()
 
         if self.kind != "ivf" or self.index is None:
             return None
@@ -542,7 +523,7 @@ class Gallery:
         if len(fs) == 0:
             return gallery
         if "faiss_index" in settings and gallery.backend_name == "faiss":
-            faiss = _import_faiss()
+            faiss = import_faiss()
 
             raw = faiss.deserialize_index(settings["faiss_index"])
             raw.nprobe = gallery.nprobe
