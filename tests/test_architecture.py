@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("parts", ("passreid.models", "passreid.losses", "passreid.data", "passreid.evaluation",
                "passreid.kreciprocal", "passreid.clustering")),
     ("config", ("passreid.config",)),
-    ("inference", ("passreid.checkpoint", "passreid.features", "passreid.search", "passreid.api",
+    ("inference", ("passreid.checkpoint", "passreid.checkpoint_io", "passreid.checkpoint_formats", "passreid.features", "passreid.search", "passreid.api",
                    "passreid.export", "passreid.monitor", "passreid.visualize")),
     ("training", ("passreid.training", "passreid.engine")),
     ("stages", ("passreid.finetune", "passreid.pretrain", "passreid.cluster")),
@@ -34,7 +34,7 @@ pulls in the training loop, and no stage is imported by the library below it."""
 
 MAX_LINES = 500
 LONGER_ON_PURPOSE = {"data/synthetic.py": "the synthetic generator: one scene model, read top to bottom"}
-NOT_SPLIT_YET = {"pretrain.py", "data/multicrop.py", "checkpoint.py", "kreciprocal.py", "search.py", "data/datasets.py"}
+NOT_SPLIT_YET = {"pretrain.py", "data/multicrop.py", "kreciprocal.py", "search.py", "data/datasets.py"}
 """Files still over the limit, to be split; the test fails when one of them is no longer over it (remove it)."""
 
 

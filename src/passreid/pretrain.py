@@ -14,7 +14,6 @@ epoch (``model`` = ``{"student", "teacher", "centers"}``) and, at the end,
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
