@@ -11,23 +11,25 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from passreid.data.view_ops import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    gaussian_blur,
+    photometric,
+    resized_crops,
+)
 from passreid.data.multicrop import (
     BANDS,
     BatchedMultiCrop,
     CPUMultiCrop,
     DecodeImage,
     MultiCropSpec,
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
     band_rows,
     build_multicrop,
     crop_resize_pil,
-    gaussian_blur,
     pad_images,
-    photometric,
-    resized_crops,
     sample_crop_boxes,
     sample_photometric,
     sample_view_boxes,
