@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from passreid import kreciprocal
+from passreid import knn
 from passreid.errors import ConfigError
 from passreid.evaluation import compute_distance, evaluate
 from passreid.kreciprocal import jaccard_distance, re_ranked_chunks, re_ranking
@@ -154,10 +154,10 @@ def test_dbscan_recovers_separated_clusters() -> None:
 def test_search_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="'auto', 'faiss' or 'torch'"):
         jaccard_distance(_features(0), search="annoy")  # type: ignore[arg-type]
-    monkeypatch.setattr(kreciprocal, "faiss_available", lambda: False)
+    monkeypatch.setattr(knn, "faiss_available", lambda: False)
     with pytest.raises(ConfigError, match="faiss"):
         jaccard_distance(_features(0), search="faiss")
-    assert kreciprocal._resolve_search("auto", None) == "torch"
+    assert knn.resolve_search("auto", None) == "torch"
 
 
 @pytest.mark.gpu
@@ -178,7 +178,7 @@ def test_re_ranking_matches_dense_reference(
     monkeypatch: pytest.MonkeyPatch, k1: int, k2: int, lam: float, seed: int, block: int
 ) -> None:
     """Also with the neighbour search split into blocks (off-diagonal merges)."""
-    monkeypatch.setattr(kreciprocal, "KNN_BLOCK", block)
+    monkeypatch.setattr(knn, "KNN_BLOCK", block)
     feats = _features(seed, n=60, dim=6)
     qf, gf = feats[:14], feats[14:]
     want = reference_re_ranking(qf, gf, k1, k2, lam)
@@ -198,7 +198,7 @@ def test_blocked_neighbour_search_equals_stable_argsort(block: int) -> None:
     x[90] = x[3]
     x[41] = x[12]
     d = compute_distance(x, x).numpy()
-    nn, row_max = kreciprocal._knn_torch(torch.from_numpy(x), 11, None, block=block)
+    nn, row_max = knn.knn_torch(torch.from_numpy(x), 11, None, block=block)
     assert np.array_equal(nn, np.argsort(d, axis=1, kind="stable")[:, :11])
     # a pair's value is that of the block holding it, d(i, j) or d(j, i): equal to rounding
     assert np.allclose(row_max, d.max(axis=1), rtol=1e-6, atol=0)

@@ -18,7 +18,8 @@ from passreid.errors import ConfigError, DatasetError
 from passreid.evaluation import evaluate_distmat
 from passreid.features import FeatureSet
 from passreid.models import ReIDModel, create_model
-from passreid.search import Gallery, ModelMismatchError, default_nlist, faiss_available
+from passreid.knn import default_nlist, faiss_available
+from passreid.search import Gallery, ModelMismatchError
 from passreid.visualize import grid_size
 
 BACKENDS = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="needs faiss"))]

@@ -29,36 +29,24 @@ with about ``|R*|`` entries a row, and m is accumulated from the columns the row
 from __future__ import annotations
 
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
-from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from passreid.errors import ConfigError
-from passreid.knn import faiss_available, knn_faiss
-from passreid.distance import (
-    block_max,
-    distance_chunks,
-    entries_at_most,
-    self_distance_blocks,
-    torch_ops_on_one_thread,
-)
+from passreid.distance import distance_chunks
+from passreid.knn import Search, knn_faiss, knn_torch, resolve_search
 
 logger = logging.getLogger(__name__)
 
-Search = Literal["auto", "faiss", "torch"]
 ArrayLike = np.ndarray | torch.Tensor
 
 #: Working memory of one block of any chunked step (distance rows, Jaccard rows, ...).
 CHUNK_BYTES = 256 * 2**20
 #: Working memory of the steps that gain from staying in the CPU cache.
 CACHE_BYTES = 8 * 2**20
-#: Points per block of the all-pairs neighbour search (a 16 MB float32 block at 2,048).
-KNN_BLOCK = 2048
 
 
 def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
@@ -66,127 +54,6 @@ def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
     if t.dim() != 2 or not t.is_floating_point():
         raise ValueError(f"{name} must be a (N, D) float array, got shape {tuple(t.shape)} dtype {t.dtype}")
     return t.float().cpu().contiguous()
-
-
-# ----------------------------------------------------------------------------- neighbours
-
-
-def _knn_torch(
-    features: torch.Tensor, k: int, device: torch.device | None, *, block: int | None = None, threads: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest neighbours and farthest distance of every point, by exact blocked search.
-
-    The distance matrix is symmetric, so only its blocks on and above the diagonal are
-    computed (half the products of a row-by-row search); each off-diagonal block updates
-    the neighbours of its rows and, read by columns, of its columns. Every point first
-    takes the ``k`` nearest of its own diagonal block (``topk``); after that a block
-    entry can only matter if it is no farther than the point's current k-th neighbour,
-    so each block costs one comparison per entry and a merge of the few that pass.
-
-    Args:
-        features: ``(N, D)`` float32.
-        k: neighbours per point (self included), ``<= N``.
-        device: where the distances and the search run (e.g. ``"cuda"``).
-        block: points per block (``block x block`` float32 distances at a time; default
-            :data:`KNN_BLOCK`).
-        threads: BLAS threads of the products (default ``torch.get_num_threads()``); the
-            bookkeeping runs on one (:func:`passreid.distance.torch_ops_on_one_thread`).
-
-    Returns:
-        ``(N, k)`` int64 indices, by ascending distance and, among equal distances, by
-        index (as a stable sort of the row orders them), and ``(N,)`` float32 largest
-        squared distance of each row (numpy, CPU).
-    """
-    dev = device if device is not None else torch.device("cpu")
-    threads = threads if threads is not None else torch.get_num_threads()
-    with torch_ops_on_one_thread(dev):
-        return _knn_blocks(features.to(dev), k, block if block is not None else KNN_BLOCK, threads)
-
-
-def _knn_blocks(feats: torch.Tensor, k: int, block: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_knn_torch` on ``feats``' device."""
-    dev = feats.device
-    n = feats.shape[0]
-    index_bits = max(1, n.bit_length())  # index n is the sentinel "no neighbour yet"
-    # best[i]: keys (distance bits, index) of point i's k nearest so far, ascending;
-    # "none yet" is the sentinel key (inf, n)
-    sentinel = _neighbour_keys(torch.tensor(math.inf), torch.tensor(n), index_bits)
-    best = torch.full((n, k), int(sentinel), dtype=torch.int64, device=dev)
-    row_max = torch.zeros(n, dtype=torch.float32, device=dev)
-    for s, t, dist in self_distance_blocks(feats, block=block, device=dev, threads=threads):
-        e, f = s + dist.shape[0], t + dist.shape[1]
-        torch.maximum(row_max[s:e], block_max(dist, 1), out=row_max[s:e])
-        if s == t:  # diagonal blocks come first: every entry up to the row's k-th smallest
-            kth = torch.topk(dist, min(k, f - t), dim=1, largest=False).values[:, -1]
-            _merge_neighbours(best, s, dist, t, index_bits, kth)
-            continue
-        torch.maximum(row_max[t:f], block_max(dist, 0), out=row_max[t:f])
-        _merge_neighbours(best, s, dist, t, index_bits)
-        _merge_neighbours(best, t, dist, s, index_bits, by_column=True)
-    nn = best & ((1 << index_bits) - 1)
-    return nn.cpu().numpy(), row_max.cpu().numpy()
-
-
-def _neighbour_keys(dist: torch.Tensor, index: torch.Tensor, index_bits: int) -> torch.Tensor:
-    """int64 keys ordered by (distance, index) for distances ``>= 0`` (or ``-0.0``, taken as 0)."""
-    bits = (dist.contiguous().view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
-    return (bits << index_bits) | index
-
-
-def _merge_neighbours(
-    best: torch.Tensor,
-    row_start: int,
-    dist: torch.Tensor,
-    col_start: int,
-    index_bits: int,
-    kth: torch.Tensor | None = None,
-    *,
-    by_column: bool = False,
-) -> None:
-    """Merge one block of distances into the neighbour lists of its rows.
-
-    Args:
-        best: ``(N, k)`` int64 neighbour keys, updated in place.
-        row_start, col_start: the points of the block's first row and column.
-        dist: ``(R, C)`` float32 block; with ``by_column`` its columns are the lists to
-            update (the block read transposed, without a transposed copy).
-        index_bits: bits of the index in a key.
-        kth: ``(R,)`` (``(C,)`` by column) only entries no farther than this are merged; default each row's
-            current k-th neighbour distance (nothing farther can enter; ties by index).
-    """
-    k = best.shape[1]
-    num = dist.shape[1] if by_column else dist.shape[0]
-    rows = best[row_start : row_start + num]
-    if kth is None:
-        kth = (rows[:, k - 1] >> index_bits).to(torch.int32).view(torch.float32)
-    if by_column:
-        c, r = entries_at_most(dist, kth, dim=0)
-        order = torch.argsort(r, stable=True)
-        r, c = r[order], c[order]
-        values = dist[c, r]
-    else:
-        r, c = entries_at_most(dist, kth, dim=1)
-        values = dist[r, c]
-    if r.numel() == 0:
-        return
-    cand = _neighbour_keys(values, c + col_start, index_bits)
-    touched, local, counts = torch.unique_consecutive(r, return_inverse=True, return_counts=True)
-    slot = torch.arange(r.numel(), device=r.device) - (torch.cumsum(counts, 0) - counts)[local]
-    merged = torch.full((touched.numel(), k + int(counts.max())), torch.iinfo(torch.int64).max, device=best.device)
-    merged[:, :k] = rows[touched]
-    merged[local, k + slot] = cand
-    rows[touched] = merged.sort(1).values[:, :k]
-
-
-def _resolve_search(search: Search, device: torch.device | None) -> str:
-    if search not in ("auto", "faiss", "torch"):
-        raise ConfigError(f"search must be 'auto', 'faiss' or 'torch', got {search!r}")
-    if search == "faiss" and not faiss_available():
-        raise ConfigError("search='faiss' needs the faiss package (pip install faiss-cpu), or use search='torch'")
-    if search == "auto":
-        on_cpu = device is None or device.type == "cpu"
-        return "faiss" if on_cpu and faiss_available() else "torch"
-    return search
 
 
 # ----------------------------------------------------------------------------- the encoding
@@ -418,13 +285,13 @@ def jaccard_distance(
     if k1 < 1 or k2 < 1:
         raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
     dev = torch.device(device) if device is not None else None
-    backend = _resolve_search(search, dev)
+    backend = resolve_search(search, dev)
     n_full = min(k1, num)
     n_half = min(round(k1 / 2) + 1, k1, num)
     k = min(max(n_full, n_half, k2), num)
     workers = max(1, torch.get_num_threads())
     with torch.inference_mode():
-        nn = knn_faiss(feats, k) if backend == "faiss" else _knn_torch(feats, k, dev, threads=workers)[0]
+        nn = knn_faiss(feats, k) if backend == "faiss" else knn_torch(feats, k, dev, threads=workers)[0]
     feats_np = feats.numpy()
     v = _encode(feats_np, nn, n_full=n_full, n_half=n_half, k2=min(k2, num), scale=None)
     sums = _MinSums(v, range(num), workers)
@@ -511,7 +378,7 @@ class _ReRanker:
         n_half = min(round(k1 / 2) + 1, num)
         k = min(max(n_full, n_half, k2), num)
         with torch.inference_mode():
-            nn, row_max = _knn_torch(feats, k, device, threads=threads)
+            nn, row_max = knn_torch(feats, k, device, threads=threads)
         self.scale = 1.0 / np.maximum(row_max, np.finfo(np.float32).tiny)
         v = _encode(feats.numpy(), nn, n_full=n_full, n_half=n_half, k2=min(k2, num), scale=self.scale)
         del feats, nn

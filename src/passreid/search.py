@@ -54,18 +54,14 @@ import torch
 
 from passreid.errors import CheckpointError, ConfigError, DatasetError
 from passreid.fileio import atomic_write
-from passreid.knn import faiss_available, import_faiss
+from passreid.knn import FaissIndex, IndexType, TorchIndex, faiss_available, import_faiss
 
 logger = logging.getLogger(__name__)
 
-IndexType = Literal["flat", "ivf"]
 Backend = Literal["auto", "faiss", "torch"]
 
 IVF_THRESHOLD = 1_000_000
 """Galleries larger than this are better served by an IVF index (``index="ivf"``)."""
-
-_SCORE_BLOCK = 1 << 26
-"""Query x gallery scores computed at once by the torch back end (256 MB of float32)."""
 
 _MOMENT_ROWS = 8192
 """Gallery rows turned into float64 at once when summing the second moment (50 MB at D=768)."""
@@ -76,11 +72,6 @@ MIN_SCORE_STD = 1e-6
 
 class ModelMismatchError(CheckpointError):
     """A gallery is queried or extended with another model than the one whose features it holds."""
-
-
-def default_nlist(num_vectors: int) -> int:
-    """IVF list count: about 4 sqrt(N), with at least 39 training vectors per list (faiss's minimum)."""
-    return max(1, min(int(4 * np.sqrt(num_vectors)), num_vectors // 39))
 
 
 class SearchResult(NamedTuple):
@@ -148,97 +139,6 @@ class _Moments:
         return q64 @ mean, np.sqrt(np.maximum(variance, 0.0))
 
 
-class _TorchKNN:
-    """Exact inner-product k-NN on a device; gallery (N, D) held as one tensor."""
-
-    def __init__(self, dim: int, device: torch.device) -> None:
-        self.device = device
-        self.data = torch.empty(0, dim, device=device)
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.data.shape[0])
-
-    def add(self, x: np.ndarray) -> None:
-        self.data = torch.cat((self.data, torch.from_numpy(x).to(self.device)))
-
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, D) -> scores (Q, k), indices (Q, k); queries in chunks so a score block stays small."""
-        rows = max(1, _SCORE_BLOCK // max(1, self.ntotal))
-        scores, indices = [], []
-        queries = torch.from_numpy(q).to(self.device)
-        for chunk in queries.split(rows):
-            top = (chunk @ self.data.T).topk(k, dim=1)
-            scores.append(top.values.cpu())
-            indices.append(top.indices.cpu())
-        return torch.cat(scores).numpy(), torch.cat(indices).numpy().astype(np.int64)
-
-    def vectors(self) -> np.ndarray:
-        return self.data.cpu().numpy()
-
-
-class _FaissIndex:
-    """A faiss ``IndexFlatIP`` or ``IndexIVFFlat`` (trained on the first vectors added)."""
-
-    def __init__(self, dim: int, index: IndexType, nlist: int | None, nprobe: int, raw: Any = None) -> None:
-        faiss = import_faiss()
-
-        self.kind = index
-        self.nlist = nlist
-        self.nprobe = nprobe
-        if raw is not None:
-            self.index = raw
-        elif index == "flat":
-            self.index = faiss.IndexFlatIP(dim)
-        else:
-            self.index = None  # built at the first add, when nlist can be chosen from the data
-
-    @property
-    def ntotal(self) -> int:
-        return 0 if self.index is None else int(self.index.ntotal)
-
-    def add(self, x: np.ndarray) -> None:
-        if self.index is None:
-            self._train_ivf(x)
-        self.index.add(x)
-
-    def _train_ivf(self, x: np.ndarray) -> None:
-        faiss = import_faiss()
-
-        nlist = self.nlist or default_nlist(len(x))
-        if len(x) < nlist:
-            raise ConfigError(
-                f"an IVF index with nlist={nlist} must be trained on at least {nlist} vectors, "
-                f"but the first batch added has {len(x)}; add more at once or use index='flat'"
-            )
-        quantizer = faiss.IndexFlatIP(x.shape[1])
-        index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-        logger.info("training an IVF index: %d lists on %d vectors", nlist, len(x))
-        index.train(x)
-        index.nprobe = self.nprobe
-        self.nlist = nlist
-        self.index = index
-
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, indices = self.index.search(q, k)
-        return scores, indices.astype(np.int64)
-
-    def vectors(self) -> np.ndarray:
-        if self.ntotal == 0:
-            return np.zeros((0, 0), np.float32)
-        if self.kind == "ivf":
-            self.index.make_direct_map()
-        return self.index.reconstruct_n(0, self.ntotal)
-
-    def serialize(self) -> np.ndarray | None:
-        """The IVF index as bytes (its trained lists must survive a save); a flat index is rebuilt instead."""
-        faiss = import_faiss()
-
-        if self.kind != "ivf" or self.index is None:
-            return None
-        return faiss.serialize_index(self.index)
-
-
 class Gallery:
     """Normalised features (N, D) with their paths, identities and cameras, searchable by cosine similarity.
 
@@ -276,7 +176,7 @@ class Gallery:
         self.nlist = nlist
         self.nprobe = nprobe
         self.backend_name = backend
-        self._backend: _TorchKNN | _FaissIndex | None = None
+        self._backend: TorchIndex | FaissIndex | None = None
         self._dim = 0
         self._paths: list[str] = []
         self._path_set: set[str] = set()
@@ -354,11 +254,11 @@ class Gallery:
 
     # ------------------------------------------------------------------ building
 
-    def _make_backend(self, dim: int, raw: Any = None) -> _TorchKNN | _FaissIndex:
+    def _make_backend(self, dim: int, raw: Any = None) -> TorchIndex | FaissIndex:
         self._dim = dim
         if self.backend_name == "faiss":
-            return _FaissIndex(dim, self.index_type, self.nlist, self.nprobe, raw=raw)
-        return _TorchKNN(dim, self.device)
+            return FaissIndex(dim, self.index_type, self.nlist, self.nprobe, raw=raw)
+        return TorchIndex(dim, self.device)
 
     def add(
         self,
@@ -484,7 +384,7 @@ class Gallery:
             moments = self._score_moments()
             arrays.update(moment_count=np.array(moments.count, np.int64), moment_sum=moments.total,
                           moment_outer=moments.outer)
-        if isinstance(self._backend, _FaissIndex):
+        if isinstance(self._backend, FaissIndex):
             raw = self._backend.serialize()
             if raw is not None:
                 arrays["faiss_index"] = raw
