@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from passreid.config import RunConfig, check_choice, check_img_size, check_positive
-from passreid.data.datasets import ImageRecord
+from passreid.data.records import CompactRecords
 from passreid.data.multicrop import MultiCrop, MultiCropSpec, build_multicrop
 from passreid.runtime import (
     DistInfo,
@@ -290,23 +288,6 @@ def last_layer_params(model: nn.Module) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-class CompactRecords(Sequence[ImageRecord]):
-    """Unlabeled image records kept as one numpy byte-string array.
-
-    A Python list of millions of records is copied page by page into every
-    loader worker as reference counts change (copy-on-write); one array is not.
-    """
-
-    def __init__(self, records: Sequence[ImageRecord]) -> None:
-        self._paths = np.array([os.fsencode(r.path) for r in records])
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def __getitem__(self, index: int) -> ImageRecord:  # type: ignore[override]
-        return ImageRecord(os.fsdecode(self._paths[index]), -1, -1)
 
 
 def build_loader(cfg: PretrainConfig, info: DistInfo, multicrop: MultiCrop) -> tuple[DataLoader, EpochSampler,

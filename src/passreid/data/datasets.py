@@ -1,4 +1,5 @@
-"""ReID data sets as lists of image records: the published layouts, CSV files and plain image folders.
+"""ReID data sets as lists of image records (:mod:`passreid.data.records`): the published layouts, CSV files
+and plain image folders.
 
 Every loader turns a folder (or file) into a :class:`ReIDDataset` of
 :class:`ImageRecord` lists (DESIGN §7). Conventions shared by all of them:
@@ -18,23 +19,33 @@ parse, an empty split) raises :class:`~passreid.errors.DatasetError` naming the 
 from __future__ import annotations
 
 import csv
-import hashlib
 import inspect
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from passreid.data.records import (
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    ImageRecord,
+    ReIDDataset,
+    _num_ids,
+    dataset_fingerprint,
+    relabel,
+)
 from passreid.errors import DatasetError
 from passreid.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-SPLITS = ("train", "query", "gallery")
+__all__ = [
+    "CUHK03NP", "CSVDataset", "DukeMTMC", "IMAGE_EXTENSIONS", "ImageFolderDataset", "ImageRecord", "MSMT17",
+    "Market1501", "ReIDDataset", "SPLITS", "SyntheticMarket", "build_dataset", "dataset_fingerprint",
+    "list_datasets", "relabel",
+]
 
 # Published (images, identities) of each split; a set that differs is loaded as custom.
 Counts = dict[str, tuple[int, int]]
@@ -45,85 +56,6 @@ PUBLISHED_COUNTS: dict[str, Counts] = {
     "CUHK03-NP-detected": {"train": (7365, 767), "query": (1400, 700), "gallery": (5332, 700)},
     "MSMT17": {"train": (32621, 1041), "query": (11659, 3060), "gallery": (82161, 3060)},
 }
-
-
-@dataclass(frozen=True, slots=True)
-class ImageRecord:
-    """One image: its file, identity and 0-based camera (``-1`` where unknown)."""
-
-    path: str
-    pid: int
-    camid: int
-
-
-class ReIDDataset:
-    """Train / query / gallery record lists of one data set.
-
-    Args:
-        name: registry name (``market1501``, ``msmt17``, ...).
-        train: training records, identities already relabelled ``0..n-1``.
-        query, gallery: evaluation records with their original identities.
-        version: which release was found (``"MSMT17_V2"``, ``"custom"``, ...).
-        root: the folder (or file) the records were read from.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        train: list[ImageRecord],
-        query: list[ImageRecord],
-        gallery: list[ImageRecord],
-        version: str | None = None,
-        root: str | os.PathLike | None = None,
-    ) -> None:
-        self.name = name
-        self.train = train
-        self.query = query
-        self.gallery = gallery
-        self.version = version
-        self.root = None if root is None else str(root)
-
-    @property
-    def num_train_pids(self) -> int:
-        """Number of training identities (the classifier's output size)."""
-        return _num_ids(self.train)
-
-    @property
-    def num_train_cams(self) -> int:
-        return _num_cams(self.train)
-
-    def split(self, name: str) -> list[ImageRecord]:
-        """The records of ``train``, ``query`` or ``gallery``."""
-        if name not in SPLITS:
-            raise DatasetError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
-        return getattr(self, name)
-
-    def summary(self) -> str:
-        """A small table of identities, images and cameras per split."""
-        title = self.name + (f" ({self.version})" if self.version else "") + (f" at {self.root}" if self.root else "")
-        lines = [title, f"  {'split':<8} {'ids':>7} {'images':>9} {'cameras':>8}"]
-        for split in SPLITS:
-            records = getattr(self, split)
-            lines.append(f"  {split:<8} {_num_ids(records):>7} {len(records):>9} {_num_cams(records):>8}")
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(name={self.name!r}, version={self.version!r}, train={len(self.train)}, "
-                f"query={len(self.query)}, gallery={len(self.gallery)})")
-
-
-def _num_ids(records: Iterable[ImageRecord]) -> int:
-    return len({r.pid for r in records if r.pid >= 0})
-
-
-def _num_cams(records: Iterable[ImageRecord]) -> int:
-    return len({r.camid for r in records if r.camid >= 0})
-
-
-def relabel(records: Sequence[ImageRecord]) -> list[ImageRecord]:
-    """Map identities to ``0..n-1`` in the order of the sorted original ids."""
-    mapping = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
-    return [ImageRecord(r.path, mapping[r.pid], r.camid) for r in records]
 
 
 def _check_published(label: str, splits: dict[str, list[ImageRecord]], root: Path) -> str:
@@ -512,16 +444,3 @@ def build_dataset(name: str, root: str | os.PathLike, *, need_train: bool = True
     dataset = loader(root, **kwargs)
     logger.info("%s", dataset.summary())
     return dataset
-
-
-def dataset_fingerprint(records: Sequence[ImageRecord], root: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Image count and SHA-1 of the sorted file list, stored in checkpoint ``meta`` (DESIGN §8).
-
-    Paths are taken relative to ``root`` (default: the deepest folder holding all
-    images) so the same data set gives the same fingerprint on every machine.
-    """
-    paths = [os.path.abspath(r.path) for r in records]
-    if root is None and paths:
-        root = os.path.commonpath([os.path.dirname(p) for p in paths])
-    rel = sorted(Path(os.path.relpath(p, root)).as_posix() for p in paths) if paths else []
-    return {"num_images": len(rel), "list_sha1": hashlib.sha1("\n".join(rel).encode("utf-8")).hexdigest()}
