@@ -452,16 +452,17 @@ def train_one_epoch(
         stop: a graceful-stop flag; a request ends the epoch after the current step.
 
     Returns:
-        ``{"loss", "lr", "iters", "stopped"}``: mean loss over the steps taken,
-        the learning rate used, the number of steps taken, and whether a stop
-        request cut the epoch short.
+        ``{"loss", "lr", "iters", "batches", "stopped"}``: mean loss over the steps
+        taken, the learning rate used, the number of steps taken, the number of
+        batches drawn (non-finite steps skipped included: where a resume continues)
+        and whether a stop request cut the epoch short.
 
     Under DDP each rank computes the loss on its own share of the batch, and
     the memory is updated with the features of all ranks so that it stays the
     same everywhere.
     """
     model.train()
-    total, done, stopped = 0.0, 0, False
+    total, done, stopped, step = 0.0, 0, False, 0
     for step in range(1, iters + 1):
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -491,7 +492,8 @@ def train_one_epoch(
         if stop is not None and _any_rank(stop.requested, device, world_size):
             stopped = True
             break
-    return {"loss": total / max(done, 1), "lr": optimizer.param_groups[0]["lr"], "iters": done, "stopped": stopped}
+    return {"loss": total / max(done, 1), "lr": optimizer.param_groups[0]["lr"], "iters": done, "batches": step,
+            "stopped": stopped}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -537,14 +539,17 @@ def _broadcast_labels(labels: np.ndarray | None, info: DistInfo) -> np.ndarray:
 
 
 def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistInfo,
-                     epoch: int) -> Generator[tuple[Tensor, Tensor], None, None]:
+                     epoch: int, start_step: int = 0) -> Generator[tuple[Tensor, Tensor], None, None]:
     """Pseudo-identity batches (``num_instances`` images per cluster) of this rank, reshuffled on every pass.
 
     A pass of the camera-aware sampler holds each pseudo identity once; passes
-    follow each other until the epoch's ``iters`` steps are done.
+    follow each other until the epoch's ``iters`` steps are done. The batches, and
+    the augmentation of every image in them, are a function of (seed, epoch, step):
+    ``start_step`` skips the epoch's first batches to continue a stopped epoch.
     """
     from passreid.data.images import ImageDataset
     from passreid.data.samplers import CameraAwareIdentitySampler, RandomIdentitySampler
+    from passreid.data.seeding import PositionSeeds
     from passreid.data.transforms import build_train_transform
 
     if cfg.optim.batch_size % (cfg.optim.num_instances * info.world_size):
@@ -570,12 +575,19 @@ def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistI
     pids = [r.pid for r in records]
     sampler = (CameraAwareIdentitySampler(pids, [r.camid for r in records], **shape) if cfg.optim.sampler == "camera"
                else RandomIdentitySampler(pids, cover_all=True, **shape))
-    loader = DataLoader(dataset, batch_size=sampler.batch_size_per_rank, sampler=sampler,
-                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", drop_last=True)
+    loader = DataLoader(dataset, batch_size=sampler.batch_size_per_rank,
+                        sampler=PositionSeeds(sampler, sampler.batch_size_per_rank),
+                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", drop_last=True,
+                        generator=torch.Generator())  # its own: a pass's iterator takes nothing from the global RNG
     # A pass over the sampler rarely covers exactly `iters` batches: keep drawing
     # fresh passes, each with its own shuffle, like the published IterLoader.
     for sub_epoch in itertools.count():
         sampler.set_epoch(epoch * 1000 + sub_epoch)
+        if start_step and start_step >= len(sampler.global_batches()):  # a pass the stopped epoch had finished
+            start_step -= len(sampler.global_batches())
+            continue
+        sampler.set_epoch(epoch * 1000 + sub_epoch, start_batch=start_step)
+        start_step = 0
         for images, pids, _, _ in loader:
             yield images, pids
 
@@ -589,7 +601,10 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         mode: ``usl`` (start from a pretrained backbone) or ``uda`` (start from
             the backbone of a source fine-tuned model; ``model.pretrained`` required).
         resume: None for a fresh run, ``""`` for the run directory's ``last.pth``,
-            or a checkpoint path. Pseudo labels are recomputed from the restored model.
+            or a checkpoint path. At an epoch boundary the pseudo labels are recomputed
+            from the restored model; inside an epoch (a stop request) the epoch's pseudo
+            labels, memory and step are restored, so the resumed run ends with the
+            uninterrupted run's weights, with any ``data.num_workers``.
         force_resume: resume even if the config changed.
 
     Returns:
@@ -627,7 +642,9 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                                                  scaler=scaler)
             best = dict(ckpt.get("best", best))
             run_dir.truncate_metrics(start_epoch - 1)
-            logger.info("resumed from %s at epoch %d (pseudo labels are recomputed)", resume_path, start_epoch)
+            logger.info("resumed from %s at epoch %d%s", resume_path, start_epoch,
+                        f", step {ckpt['resume_step']} (its pseudo labels and memory restored)"
+                        if ckpt.get("resume_step") else " (pseudo labels are recomputed)")
         else:
             if run_dir.last.exists():
                 logger.warning("%s holds an earlier run: starting afresh over it (pass --resume to continue it)",
@@ -643,7 +660,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         iters = cfg.optim.iters
         if cfg.run.max_iters_per_epoch:
             iters = min(iters, cfg.run.max_iters_per_epoch)
-        if cfg.cluster.calibrate_necks and start_epoch == 1:
+        if cfg.cluster.calibrate_necks and ckpt is None:
             calibrate_necks(model, _plain_loader(dataset.train[info.rank::info.world_size], cfg), info.device,
                             precision, info.world_size)
         metrics: dict[str, Any] = {}
@@ -651,12 +668,21 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         with GracefulStop() as stop:
             for epoch in range(start_epoch, cfg.run.epochs + 1):
                 t0 = time.perf_counter()
-                features = _extract_all(train_model, dataset.train, cfg, info, precision)
-                labels = None
-                if info.is_main:
-                    labels = pseudo_labels(features, cfg.cluster.eps, cfg.cluster.min_samples, cfg.cluster.k1,
-                                           cfg.cluster.k2, search=cfg.cluster.search, device=info.device)
-                labels = _broadcast_labels(labels, info)
+                start_step = int(ckpt.get("resume_step", 0)) if ckpt is not None and epoch == start_epoch else 0
+                if start_step:  # stopped inside this epoch: its pseudo labels and memory as they were
+                    labels = ckpt["pseudo_labels"].numpy()
+                    memory = ClusterMemory(ckpt["memory"]["centroids"].shape[1], int(labels.max()) + 1,
+                                           temp=cfg.cluster.temp, momentum=cfg.cluster.momentum,
+                                           mode=cfg.cluster.memory_mode).to(info.device)
+                    memory.load_state_dict(ckpt["memory"])
+                    features = None
+                else:
+                    features = _extract_all(train_model, dataset.train, cfg, info, precision)
+                    labels = None
+                    if info.is_main:
+                        labels = pseudo_labels(features, cfg.cluster.eps, cfg.cluster.min_samples, cfg.cluster.k1,
+                                               cfg.cluster.k2, search=cfg.cluster.search, device=info.device)
+                    labels = _broadcast_labels(labels, info)
                 stats = cluster_stats(labels)
                 if stats["num_clusters"] < max(2, info.world_size):  # a contrast needs two clusters per batch
                     raise TrainingError(
@@ -664,25 +690,30 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                         f"found {stats['num_clusters']} cluster(s) among {len(labels)} images, too few for cluster "
                         f"contrast on {info.world_size} process(es); raise cluster.eps or start from a better "
                         "model.pretrained")
-                memory = ClusterMemory.from_features(
-                    torch.from_numpy(features).to(info.device), torch.from_numpy(labels).to(info.device),
-                    temp=cfg.cluster.temp, momentum=cfg.cluster.momentum, mode=cfg.cluster.memory_mode)
+                if features is not None:
+                    memory = ClusterMemory.from_features(
+                        torch.from_numpy(features).to(info.device), torch.from_numpy(labels).to(info.device),
+                        temp=cfg.cluster.temp, momentum=cfg.cluster.momentum, mode=cfg.cluster.memory_mode)
                 labelled = [ImageRecord(r.path, int(y), r.camid) for r, y in zip(dataset.train, labels) if y >= 0]
-                batches = _endless_batches(labelled, cfg, info, epoch)
+                batches = _endless_batches(labelled, cfg, info, epoch, start_step)
                 train_stats = train_one_epoch(
-                    train_model, memory, batches, optimizer, scaler, iters=iters, epoch=epoch, device=info.device,
+                    train_model, memory, batches, optimizer, scaler, iters=iters - start_step, epoch=epoch,
+                    device=info.device,
                     precision=precision, world_size=info.world_size, log_every=cfg.run.log_every,
                     last_checkpoint=run_dir.last, skip_nonfinite=cfg.run.skip_nonfinite, stop=stop)
                 batches.close()
                 if train_stats["stopped"]:
-                    # The epoch is cut short: store the weights as they are, but as of the
-                    # previous epoch, so that a resume reruns this epoch with fresh pseudo labels.
+                    # The epoch is cut short: the checkpoint is of the previous epoch plus the steps
+                    # taken, with this epoch's pseudo labels and memory, so a resume continues the epoch.
+                    step = start_step + train_stats["batches"]
                     if info.is_main:
-                        save_training_checkpoint(run_dir.last, model=model, optimizer=optimizer, scheduler=scheduler,
-                                                 scaler=scaler, epoch=epoch - 1, config=config,
-                                                 fingerprint=fingerprint, extra={"best": best})
-                    logger.warning("stopped in epoch %d after %d steps; %s holds the weights, `--resume` reruns "
-                                   "epoch %d", epoch, train_stats["iters"], run_dir.last, epoch)
+                        save_training_checkpoint(
+                            run_dir.last, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            epoch=epoch - 1, config=config, fingerprint=fingerprint,
+                            extra={"best": best, "resume_step": step, "pseudo_labels": torch.from_numpy(labels),
+                                   "memory": {k: v.cpu() for k, v in memory.state_dict().items()}})
+                    logger.warning("stopped in epoch %d after step %d; %s holds the run, `--resume` continues "
+                                   "from the next step", epoch, step, run_dir.last)
                     stopped = True
                     break
                 scheduler.step()

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from passreid.config import RunConfig, check_choice, check_img_size, check_positive, config_to_dict, config_to_yaml
 from passreid.data.datasets import ImageRecord
 from passreid.data.multicrop import MultiCrop, MultiCropSpec, build_multicrop
+from passreid.data.seeding import PositionSeeds
 from passreid.demo import (
     DEMO_IMG_SIZE,
     DEMO_MODEL,
@@ -490,18 +491,13 @@ def build_loader(cfg: PretrainConfig, info: DistInfo, multicrop: MultiCrop) -> t
         raise ConfigError(f"config key 'data.batch_size': {data.batch_size} is more than the {len(records)} "
                           f"images under {data.root}")
     dataset = ImageDataset(records, transform=multicrop.image_transform(), skip_corrupt=data.skip_corrupt)
-    # Its own generator (re-seeded every epoch by position_loader) draws the worker seeds: drawing them from the
-    # global RNG would shift the checkpointed stream and make a mid-epoch resume differ.
-    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=data.num_workers,
+    # Each image is augmented from the seed of its position in the epoch, whichever worker reads it; the loader's
+    # own generator keeps the iterator from drawing on the global RNG (that would shift the checkpointed stream).
+    loader = DataLoader(dataset, batch_size=per_rank, sampler=PositionSeeds(sampler, per_rank),
+                        num_workers=data.num_workers,
                         collate_fn=multicrop.collate, pin_memory=info.device.type == "cuda", drop_last=True,
                         generator=torch.Generator())
     return loader, sampler, fingerprint
-
-
-def position_loader(loader: DataLoader, sampler: EpochSampler, epoch: int, start_batch: int = 0) -> None:
-    """Position the sampler and seed the loader's worker streams from (seed, rank, epoch) for ``epoch``."""
-    sampler.set_epoch(epoch, start_batch=start_batch)
-    loader.generator.manual_seed(((sampler.seed * 1000 + sampler.rank) * 100_000 + epoch) % 2**63)
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -761,9 +757,10 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         resume: None for a fresh run; ``""`` for the run directory's ``last.pth``; or a
             checkpoint path. Student, teacher, centers, optimiser, scaler, every rank's
             RNG and the position in the epoch are restored: a resumed run computes what
-            the uninterrupted run would have (same hardware and process count), at an
-            epoch boundary always, inside an epoch when the views are made in the main
-            process (``aug.backend=gpu``; PIL workers restart their random streams).
+            the uninterrupted run would have (same hardware and process count), from an
+            epoch boundary or inside an epoch, with either backend and any
+            ``data.num_workers`` (the PIL views of an image are drawn from the seed of its
+            position in the epoch, :class:`~passreid.data.seeding.PositionSeeds`).
         force_resume: resume even if the config or the data set changed.
         progress: progress bar on rank 0.
 
@@ -861,7 +858,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         with GracefulStop() as stop:
             for epoch in range(start_epoch, cfg.run.epochs + 1):
                 t0 = time.perf_counter()
-                position_loader(loader, sampler, epoch, start_batch=start_step)
+                sampler.set_epoch(epoch, start_batch=start_step)
                 with explain_oom(cfg.data.batch_size // info.world_size):
                     stats = train_one_epoch(state, loader, epoch, start_step=start_step,
                                             max_steps=ipe - start_step, stop=stop, run_dir=run_dir,
