@@ -299,10 +299,10 @@ def map_distance_chunks(
     if dev.type != "cpu" or threads <= 1 or len(starts) <= 1:
         return [fn(start, block) for start, block in chunks]
     with _guard(dev, threads):
-        gallery = _Gallery(as_float_tensor(gf, "gf"), metric, precision)
+        gallery = _Gallery(as_float_tensor(gf, "gf").to(dev), metric, precision)
 
     def work(start: int) -> T:
-        return fn(start, gallery.distances(q[start : start + chunk_size]))
+        return fn(start, gallery.distances(q[start : start + chunk_size].to(dev)))
 
     with _blas_threads(1), ThreadPoolExecutor(max_workers=threads) as pool:
         futures = [pool.submit(work, start) for start in starts]
