@@ -8,14 +8,17 @@ the remaining ("valid") queries.
 The published code argsorts every gallery row (an ``int64`` index per query x gallery
 pair) and then loops over queries in Python. Here no gallery row is sorted: a metric needs
 only the rank of each correct match among the valid (non-junk) gallery items, and an item
-farther than a query's last correct match changes none of them. So each chunk of queries
-takes, per query, the distance of its farthest correct match as a threshold, keeps the
-valid items at or below it (one comparison per pair), gives each kept item and each
-correct match a unique ``int64`` key (row, the float's order-preserving bit pattern,
-gallery index), and one ``searchsorted`` of the kept items' keys among the sorted keys of
-the matches, then a histogram, gives every match's 1-based rank. AP, INP and the CMC
-follow from those ranks alone. The work beyond the comparison is proportional to the
-items ranked before the last match, not to the gallery.
+farther than a query's last correct match changes none of them. So each query takes the
+distance of its farthest correct match as a threshold and ranks only the items at or
+below it. On the CPU each row's such items are sorted (a few percent of the gallery for a
+trained model) and each match's distance looked up among them; query chunks run in
+parallel threads, each product followed at once by its ranking. On other devices
+(one batched pass per chunk) every kept item and each correct match get a unique ``int64``
+key (row, the float's order-preserving bit pattern, gallery index), and one
+``searchsorted`` of the kept items' keys among the sorted keys of the matches, then a
+histogram, gives every match's 1-based rank. AP, INP and the CMC follow from those ranks
+alone. The work beyond the comparison is proportional to the items ranked before the last
+match, not to the gallery.
 
 Tie rule: items at equal distance keep gallery order (the order of a stable sort, e.g.
 ``numpy.argsort(kind="stable")``). The published code uses numpy's default quicksort,
@@ -126,11 +129,12 @@ _RADIX_SORT_FROM = 16384
 
 
 def _sorted(x: np.ndarray) -> np.ndarray:
-    """``x`` ``(N,)`` float32 sorted ascending (a new array)."""
+    """``x`` ``(N,)`` float32 sorted ascending (``x`` itself may be sorted in place and returned)."""
     if x.size >= _RADIX_SORT_FROM:
         bits = x.view(np.int32)
         # Without the sign bit (no negative numbers, no -0.0) the int32 patterns order like the floats.
         if bits.min() >= 0:
+            # stable=True: torch radix-sorts integers
             return torch.sort(torch.from_numpy(bits), stable=True).values.numpy().view(np.float32)
     x.sort()
     return x
@@ -482,7 +486,8 @@ def evaluate(
         q_pids, q_camids: ``(Q,)``; g_pids, g_camids: ``(G,)``.
         metric: ``"euclidean"`` (squared) or ``"cosine"``.
         max_rank: CMC length (capped at the gallery size).
-        chunk_size: queries per chunk (default: from a ~256 MiB working-memory budget).
+        chunk_size: queries per chunk (default: from a ~256 MiB working-memory budget, shared on
+            the CPU by the threads' chunks, which run in parallel).
         device: where distances and ranking run (e.g. ``"cuda"``); default the features' device.
         rerank, k1, k2, lambda_value: k-reciprocal re-ranking and its parameters.
         precision: ``"fp32"`` (the protocol) or ``"bf16"`` (faster product on GPUs,
