@@ -41,6 +41,7 @@ Prints one JSON line (``rerank`` holds the re-ranking figures). Example::
     python benchmarks/bench_eval.py --check
     python benchmarks/bench_eval.py --quick --check
     python benchmarks/bench_eval.py --device cuda
+    python benchmarks/bench_eval.py --no-rerank --unclustered   # the ranking's worst case
 """
 
 from __future__ import annotations
@@ -60,14 +61,18 @@ import numpy as np
 import torch
 
 
-def make_data(queries: int, gallery: int, dim: int, ids: int, cams: int, seed: int) -> dict[str, np.ndarray]:
+def make_data(
+    queries: int, gallery: int, dim: int, ids: int, cams: int, seed: int, unclustered: bool = False
+) -> dict[str, np.ndarray]:
     """Random L2-normalised features with MSMT17-like identity and camera labels.
 
     Query features are noisy copies of their identity's centre so the metrics are not
-    trivial; labels are uniform over ``ids`` identities and ``cams`` cameras.
+    trivial; labels are uniform over ``ids`` identities and ``cams`` cameras. With
+    ``unclustered`` the features ignore the identities (an untrained model): every
+    query's last match lies deep in the gallery, the ranking's worst case.
     """
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((ids, dim), dtype=np.float32)
+    centres = rng.standard_normal((ids, dim), dtype=np.float32) * (0.0 if unclustered else 1.0)
 
     def features(pids: np.ndarray) -> np.ndarray:
         f = centres[pids] + 2.5 * rng.standard_normal((pids.size, dim), dtype=np.float32)
@@ -214,7 +219,8 @@ def _child(kind: str, args: dict[str, Any], queries: int, gallery: int) -> dict[
     and ``gallery`` gallery items.
     """
     torch.set_num_threads(args["threads"])
-    data = make_data(args["queries"], args["gallery"], args["dim"], args["ids"], args["cams"], args["seed"])
+    data = make_data(args["queries"], args["gallery"], args["dim"], args["ids"], args["cams"], args["seed"],
+                     args["unclustered"])
     data = {k: v[:queries] if k.startswith("q") else v[:gallery] for k, v in data.items()}
     warm_up = {k: v[:20] if k.startswith("q") else v[:500] for k, v in data.items()}  # one-off library set-up
     from passreid.evaluation import evaluate
@@ -283,6 +289,8 @@ def main() -> int:
     parser.add_argument("--dense-gallery", type=int, default=14000, help="gallery of that re-ranking")
     parser.add_argument("--no-rerank", action="store_true", help="evaluation only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unclustered", action="store_true",
+                        help="features independent of the identities: the ranking's worst case")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch (and BLAS) CPU threads")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--check", action="store_true", help="verify both give the same metrics on the subset")
@@ -304,6 +312,7 @@ def main() -> int:
         "queries": q,
         "gallery": g,
         "dim": ns.dim,
+        "unclustered": ns.unclustered,
         "passreid_s": round(ours["seconds"], 2),
         "baseline_s": round(baseline_s, 2),
         "speedup": round(baseline_s / ours["seconds"], 2),

@@ -251,6 +251,46 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(banded, tmp_path):
     assert epochs == [1, 2]
 
 
+def test_stop_inside_an_epoch_with_two_loader_workers_resumes_to_the_uninterrupted_weights(banded, tmp_path,
+                                                                                          monkeypatch):
+    """Ctrl-C at step 3 of epoch 2 (inside its second sampler pass), resumed with 2 workers: the epoch's
+    pseudo labels and memory come back from last.pth, the batches and their augmentation from the step on are
+    those of an uninterrupted run without workers."""
+    import os
+    import signal
+
+    from passreid.cluster import run_cluster
+    from passreid.engine import load_training_checkpoint
+
+    def config(out, workers):
+        cfg = tiny_config(banded, out, epochs=2, iters=4, eval_every=2)
+        cfg.data.num_workers = workers
+        return cfg
+
+    run_cluster(config(tmp_path / "full", 0), mode="usl")
+    calls = {"n": 0}
+    forward = ClusterMemory.forward
+
+    def forward_then_sigint(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4 + 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the run stops after this step
+        return forward(self, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ClusterMemory, "forward", forward_then_sigint)
+        assert run_cluster(config(tmp_path / "split", 2), mode="usl")["stopped"]
+    saved = load_training_checkpoint(tmp_path / "split" / "last.pth")
+    assert (saved["epoch"], saved["resume_step"]) == (1, 3)
+    assert not run_cluster(config(tmp_path / "split", 2), mode="usl", resume="")["stopped"]
+
+    full = load_training_checkpoint(tmp_path / "full" / "last.pth")["model"]
+    split = load_training_checkpoint(tmp_path / "split" / "last.pth")["model"]
+    assert full.keys() == split.keys() and all(torch.equal(full[k], split[k]) for k in full)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
 def test_uda_command_needs_a_source_model_and_runs_from_one(banded, tmp_path, capsys):
     from passreid.cli import main
 

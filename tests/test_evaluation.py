@@ -11,6 +11,15 @@ from passreid import distance, evaluation
 from passreid.errors import DatasetError
 from passreid.evaluation import compute_distance, distance_chunks, evaluate, evaluate_distmat, format_metrics
 
+
+@pytest.fixture(params=["rows", "keys"])
+def ranker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both rankings: row by row (the CPU's) and through keys of every candidate (other devices')."""
+    if request.param == "keys":
+        monkeypatch.setattr(evaluation, "_scans_rows", lambda device: False)
+    return request.param
+
+
 # ----------------------------------------------------------------------------- hand-computed case
 # Gallery   g0      g1      g2      g3      g4      g5
 # pid        1       1       2       1       3       2
@@ -38,7 +47,7 @@ Q_CAMS = [0, 1, 0, 0]
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 3])
-def test_hand_computed_example(chunk_size: int | None) -> None:
+def test_hand_computed_example(chunk_size: int | None, ranker: str) -> None:
     m = evaluate_distmat(DISTMAT, Q_PIDS, G_PIDS, Q_CAMS, G_CAMS, chunk_size=chunk_size)
     assert set(m) == {"mAP", "mINP", "cmc", "num_queries", "num_valid_queries"}
     assert m["num_queries"] == 4 and m["num_valid_queries"] == 2
@@ -53,7 +62,7 @@ def test_max_rank_truncates_cmc() -> None:
     assert m["cmc"] == pytest.approx([0.0, 0.5, 0.5])
 
 
-def test_ties_keep_gallery_order() -> None:
+def test_ties_keep_gallery_order(ranker: str) -> None:
     """All three at the same distance: the match's rank is its gallery position."""
     dist = np.zeros((1, 3), dtype=np.float32)
     first = evaluate_distmat(dist, [5], [5, 1, 2], [0], [1, 1, 1])
@@ -62,7 +71,7 @@ def test_ties_keep_gallery_order() -> None:
     assert last["mAP"] == pytest.approx(1 / 3) and last["cmc"] == pytest.approx([0.0, 0.0, 1.0])
 
 
-def test_negative_distances_and_signed_zero() -> None:
+def test_negative_distances_and_signed_zero(ranker: str) -> None:
     """-0.0 ties with 0.0 (gallery order decides), negatives rank first."""
     dist = DISTMAT.copy()
     dist[1, 2] = -1.0  # junk g2 first
@@ -143,7 +152,7 @@ def assert_same_metrics(got: dict, want: dict) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_matches_reference_on_random_data(seed: int) -> None:
+def test_matches_reference_on_random_data(seed: int, ranker: str) -> None:
     qf, gf, q_pids, g_pids, q_cams, g_cams = random_split(seed)
     want = reference_metrics(compute_distance(qf, gf).numpy(), q_pids, g_pids, q_cams, g_cams)
     assert 0.05 < want["mAP"] < 0.95  # neither trivial nor hopeless
@@ -153,7 +162,7 @@ def test_matches_reference_on_random_data(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_matches_reference_with_many_ties(seed: int) -> None:
+def test_matches_reference_with_many_ties(seed: int, ranker: str) -> None:
     """Distances rounded to 0.5 steps: long runs of ties, decided by gallery order."""
     qf, gf, q_pids, g_pids, q_cams, g_cams = random_split(seed)
     dist = np.round(compute_distance(qf, gf).numpy() * 2) / 2 - 3.0  # negatives too
@@ -216,7 +225,7 @@ def test_rerank_option_evaluates_the_re_ranked_distance() -> None:
     assert got["mAP"] != evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams)["mAP"]
 
 
-def test_junk_tied_with_the_last_match_and_items_after_it() -> None:
+def test_junk_tied_with_the_last_match_and_items_after_it(ranker: str) -> None:
     """Every distance equal: rank = gallery position among the non-junk items.
 
     Gallery pids 7 9 9 7 9 7 with cameras 0 0 1 1 1 0; query pid 9, camera 1: g2 and g4 are
@@ -246,7 +255,9 @@ def _hard_split(seed: int, num_q: int = 60, num_g: int = 300):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("chunk_size", [1, 7, 60, None])
-def test_matches_reference_with_junk_distractors_ties_and_no_match(seed: int, chunk_size: int | None) -> None:
+def test_matches_reference_with_junk_distractors_ties_and_no_match(
+    seed: int, chunk_size: int | None, ranker: str
+) -> None:
     dist, q_pids, g_pids, q_cams, g_cams = _hard_split(seed)
     want = reference_metrics(dist, q_pids, g_pids, q_cams, g_cams)
     assert want["num_valid_queries"] < len(q_pids) - 5  # some skipped
@@ -255,12 +266,60 @@ def test_matches_reference_with_junk_distractors_ties_and_no_match(seed: int, ch
     assert got["num_queries"] == len(q_pids)
 
 
-def test_key_blocks_inside_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_blocks_inside_a_chunk(monkeypatch: pytest.MonkeyPatch, ranker: str) -> None:
     """A chunk with more rows than the keys can number is ranked in sub-blocks (here 7 rows)."""
     dist, q_pids, g_pids, q_cams, g_cams = _hard_split(3)
     monkeypatch.setattr(evaluation, "_ORDER_BITS", 63 - 3 - evaluation._index_bits(dist.shape[1]))
     got = evaluate_distmat(dist, q_pids, g_pids, q_cams, g_cams, chunk_size=25)
     assert_same_metrics(got, reference_metrics(dist, q_pids, g_pids, q_cams, g_cams))
+
+
+def test_radix_sorted_rows_keep_ties_and_signed_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows sorted through the int32 patterns (long rows) where no value has the sign bit,
+    numpy's sort where one has (-0.0 included): the same metrics either way."""
+    monkeypatch.setattr(evaluation, "_RADIX_SORT_FROM", 1)
+    for seed in range(3):
+        dist, q_pids, g_pids, q_cams, g_cams = _hard_split(seed)
+        dist = np.abs(dist)  # ties everywhere, no sign bit (-0.0 -> 0.0)
+        dist[1::4, ::3] = -0.0  # these rows take numpy's sort
+        got = evaluate_distmat(dist, q_pids, g_pids, q_cams, g_cams, chunk_size=9)
+        assert_same_metrics(got, reference_metrics(dist, q_pids, g_pids, q_cams, g_cams))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 6, None])
+def test_chunks_in_parallel_threads_equal_one_thread(chunk_size: int | None) -> None:
+    """With several torch threads, CPU chunks run in parallel (a one-thread product each):
+    the same ranks, and the sums are merged in chunk order."""
+    qf, gf, q_pids, g_pids, q_cams, g_cams = random_split(2, num_q=53)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=chunk_size)
+        torch.set_num_threads(3)
+        three = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=chunk_size)
+        assert torch.get_num_threads() == 3
+        gf[100, 0] = np.nan  # an error in a worker reaches the caller
+        with pytest.raises(ValueError, match="NaN"):
+            evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=chunk_size)
+    finally:
+        torch.set_num_threads(before)
+    if chunk_size is not None:  # same chunks: the same sums in the same order
+        assert three == one
+    # by default each thread gets its share of the queries: other chunks, sums in another order
+    assert three["cmc"] == one["cmc"] and three["mAP"] == pytest.approx(one["mAP"], abs=1e-12)
+
+
+def test_map_distance_chunks_is_the_chunks_in_order() -> None:
+    qf, gf, *_ = random_split(3, num_q=23)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = distance.map_distance_chunks(lambda start, block: (start, block.clone()), qf, gf, chunk_size=5)
+    finally:
+        torch.set_num_threads(before)
+    assert [start for start, _ in got] == [0, 5, 10, 15, 20]
+    with distance._blas_threads(1):
+        assert torch.equal(torch.cat([block for _, block in got]), compute_distance(qf, gf))
 
 
 def test_nan_anywhere_is_rejected() -> None:

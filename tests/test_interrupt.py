@@ -143,6 +143,41 @@ def test_sigterm_saves_exits_cleanly_and_resumes_to_the_same_weights(workdir: Pa
     assert (out / "model.pth").is_file()
 
 
+def stop_during_call(patch: pytest.MonkeyPatch, owner: object, name: str, n: int) -> None:
+    """Send this process SIGINT during the ``n``-th call of ``owner.name``: the run saves after that step."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)  # this process only: the loader workers never see it
+        return original(*args, **kwargs)
+
+    patch.setattr(owner, name, wrapper)
+
+
+def test_stop_inside_an_epoch_with_two_loader_workers_resumes_to_the_weights_of_any_worker_count(
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`passreid train` with 2 workers, Ctrl-C at step 3 of epoch 1, `--resume`: the weights of an uninterrupted
+    run without workers (every image's augmentation is seeded by its position in the epoch)."""
+    from passreid.losses.reid import ReIDLoss
+
+    def train(out: Path, workers: int, *extra: str) -> int:
+        return cli_main(["train", str(workdir / "tiny.yaml"), f"run.output_dir={out}", "run.epochs=2",
+                         "run.eval_every=2", f"data.num_workers={workers}", *extra])
+
+    assert train(tmp_path / "straight", 0) == 0
+    with monkeypatch.context() as patch:
+        stop_during_call(patch, ReIDLoss, "forward", 3)
+        assert train(tmp_path / "stopped", 2) == EXIT_STOPPED
+    saved = load_training_checkpoint(tmp_path / "stopped" / "last.pth")
+    assert (saved["epoch"], saved["resume_step"]) == (0, 3)
+    assert train(tmp_path / "stopped", 2, "--resume") == 0
+    assert_same_weights(weights(tmp_path / "stopped" / "last.pth"), weights(tmp_path / "straight" / "last.pth"))
+
+
 # ----------------------------------------------------------------------------- provenance
 
 

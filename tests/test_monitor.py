@@ -85,6 +85,27 @@ def test_pool_has_a_scene_per_image_and_is_deterministic(tmp_path: Path) -> None
         generate_pool(tmp_path / "a", num_images=2)
 
 
+def test_pool_with_scenes_shares_each_camera_between_many_images(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    def top_spread(paths: list[Path]) -> float:
+        """Relative spread over images of the top rows' mean colour (the wall behind everyone)."""
+        means = np.stack([np.asarray(Image.open(p), np.float32)[:12].reshape(-1, 3).mean(0) for p in paths])
+        return float((means.std(0) / means.mean(0)).max())
+
+    # One camera: the same wall behind everyone, up to the per-image gain (+-5%), noise and panning.
+    one = generate_pool(tmp_path / "one", num_images=8, seed=3, img_size=(64, 32), clutter=False, num_scenes=1)
+    per_image = generate_pool(tmp_path / "per", num_images=8, seed=3, img_size=(64, 32), clutter=False)
+    assert top_spread(one) < 0.2 and top_spread(per_image) > 0.3
+    # The draws of a scene-per-image pool are unchanged by the option.
+    again = generate_pool(tmp_path / "again", num_images=6, seed=3, img_size=(64, 32), num_scenes=0)
+    default = generate_pool(tmp_path / "default", num_images=6, seed=3, img_size=(64, 32))
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(again, default))
+    with pytest.raises(Exception, match="num_scenes"):
+        generate_pool(tmp_path / "bad", num_images=2, num_scenes=-1)
+
+
 def test_monitor_in_a_run_logs_epoch_0_and_every_epoch(tmp_path: Path) -> None:
     generate_pool(tmp_path / "pool", num_images=16, seed=0, img_size=(64, 32))
     generate_synthetic(tmp_path / "eval", num_ids=8, num_cams=2, seed=1, img_size=(64, 32), num_distractors=2,

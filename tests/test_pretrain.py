@@ -15,6 +15,7 @@ from passreid.checkpoint import load_checkpoint, safe_load
 from passreid.cli import main as cli_main
 from passreid.config import RunConfig, load_config
 from passreid.data.multicrop import BatchedMultiCrop
+from passreid.data.records import CompactRecords
 from passreid.losses.pass_loss import PASSLoss
 from passreid.models import ReIDModel, create_model
 from passreid.models.heads import DINOHead
@@ -395,22 +396,26 @@ def test_compact_records_round_trip() -> None:
     from passreid.data.datasets import ImageRecord
 
     paths = ["/data/a.jpg", "/data/sub dir/bé.png", "/x/" + "y" * 200 + ".jpg"]
-    records = pretrain.CompactRecords([ImageRecord(p, -1, -1) for p in paths])
+    records = CompactRecords([ImageRecord(p, -1, -1) for p in paths])
     assert len(records) == 3 and [r.path for r in records] == paths and records[1] == ImageRecord(paths[1], -1, -1)
 
 
+@pytest.mark.parametrize(("backend", "workers"), [("gpu", 0), ("gpu", 2), ("cpu", 2)])
 def test_a_signal_mid_epoch_saves_the_position_and_resume_gives_the_same_weights(
-        image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, workers: int) -> None:
+    """Stopped and resumed with ``workers`` loader workers, compared with a run without workers: the batched
+    views are drawn in the main process (restored random streams), the PIL views in the workers (seeded by
+    each image's position in the epoch)."""
     import os
     import signal
 
-    def config(out: Path) -> PretrainConfig:
-        cfg = tiny_config(image_folder, out, epochs=1)
-        cfg.data.batch_size, cfg.run.max_iters_per_epoch = 2, 4
+    def config(out: Path, num_workers: int) -> PretrainConfig:
+        cfg = tiny_config(image_folder, out, backend=backend, epochs=1)
+        cfg.data.batch_size, cfg.data.num_workers, cfg.run.max_iters_per_epoch = 2, num_workers, 4
         return cfg
 
-    run_pretrain(config(tmp_path / "full"))
-    cfg = config(tmp_path)
+    run_pretrain(config(tmp_path / "full", 0))
+    cfg = config(tmp_path, workers)
     real = pretrain.train_step
     calls = {"n": 0}
 
@@ -430,6 +435,6 @@ def test_a_signal_mid_epoch_saves_the_position_and_resume_gives_the_same_weights
     resumed = run_pretrain(cfg, resume="")
     assert not resumed["stopped"] and resumed["metrics"]["steps"] == 2  # the two steps the epoch had left
     assert resumed["backbone"] is not None and safe_load(tmp_path / "last.pth")["epoch"] == 1
-    # Same weights as without the stop (batched multi-crop in the main process: every random stream is restored).
+    # Same weights as without the stop, and as without workers.
     a, b = _checkpoint_tensors(tmp_path / "full" / "last.pth"), _checkpoint_tensors(tmp_path / "last.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -19,7 +19,6 @@ and classifier belong to the source identities).
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from passreid.config import DataConfig, ModelConfig, RunConfig, check_choice, check_positive
 from passreid.data.datasets import ImageRecord
+from passreid.data.loaders import endless_batches, identity_loader, test_loader
 from passreid.runtime import (
     DistInfo,
     agree_across_ranks,
@@ -269,17 +269,18 @@ def train_one_epoch(
         stop: a graceful-stop flag; a request ends the epoch after the current step.
 
     Returns:
-        ``{"loss", "lr", "iters", "stopped"}``: the mean of each loss term over the steps
-        taken (none without a step), the learning rate used, the number of steps taken,
-        and whether a stop request cut the epoch short (a request during the last step
-        does not: the epoch is complete).
+        ``{"loss", "lr", "iters", "batches", "stopped"}``: the mean of each loss term over
+        the steps taken (none without a step), the learning rate used, the number of steps
+        taken, the number of batches drawn (non-finite steps skipped included: where a
+        resume continues) and whether a stop request cut the epoch short (a request during
+        the last step does not: the epoch is complete).
 
     Under DDP each rank computes the loss on its own share of the batch, and
     the memory is updated with the features of all ranks so that it stays the
     same everywhere.
     """
     model.train()
-    sums, stopped = MeanStats(), False
+    sums, stopped, step = MeanStats(), False, 0
     for step in range(1, iters + 1):
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -307,7 +308,8 @@ def train_one_epoch(
         if stop_now:
             stopped = step < iters
             break
-    return {**sums.means(), "lr": optimizer.param_groups[0]["lr"], "iters": sums.count, "stopped": stopped}
+    return {**sums.means(), "lr": optimizer.param_groups[0]["lr"], "iters": sums.count, "batches": step,
+            "stopped": stopped}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -339,35 +341,24 @@ def _extract_all(model: nn.Module, records: Sequence[ImageRecord], cfg: ClusterC
 
 def _plain_loader(records: Sequence[ImageRecord], cfg: ClusterConfig) -> DataLoader:
     """Test-transform batches of ``records`` in order (feature statistics, not training)."""
-    from passreid.data.images import ImageDataset
-    from passreid.data.transforms import build_test_transform
-
-    dataset = ImageDataset(records, transform=build_test_transform(cfg.data.img_size, cfg.data.pixel_mean,
-                                                                   cfg.data.pixel_std),
-                           skip_corrupt=cfg.data.skip_corrupt)
-    return DataLoader(dataset, batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
+    return test_loader(records, img_size=cfg.data.img_size, mean=cfg.data.pixel_mean, std=cfg.data.pixel_std,
+                       batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
+                       skip_corrupt=cfg.data.skip_corrupt)
 
 
 def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistInfo,
-                     epoch: int) -> Generator[tuple[Tensor, Tensor], None, None]:
+                     epoch: int, start_step: int = 0) -> Generator[tuple[Tensor, Tensor], None, None]:
     """Pseudo-identity batches (``num_instances`` images per cluster) of this rank, reshuffled on every pass.
 
     A pass of the camera-aware sampler holds each pseudo identity once; passes
-    follow each other until the epoch's ``iters`` steps are done.
+    follow each other until the epoch's ``iters`` steps are done. The batches, and
+    the augmentation of every image in them, are a function of (seed, epoch, step):
+    ``start_step`` skips the epoch's first batches to continue a stopped epoch.
     """
-    from passreid.data.images import ImageDataset
-    from passreid.data.samplers import CameraAwareIdentitySampler, RandomIdentitySampler
-    from passreid.data.transforms import build_train_transform
-
     if cfg.optim.batch_size % (cfg.optim.num_instances * info.world_size):
         raise ConfigError(f"config key 'optim.batch_size': {cfg.optim.batch_size} must split into "
                           f"{info.world_size} processes of whole pseudo identities (a multiple of "
                           f"num_instances x processes = {cfg.optim.num_instances * info.world_size})")
-    dataset = ImageDataset(records, transform=build_train_transform(cfg.data.img_size, cfg.data.pixel_mean,
-                                                                    cfg.data.pixel_std,
-                                                                    color_jitter=cfg.data.color_jitter,
-                                                                    erasing=cfg.data.erasing),
-                           skip_corrupt=cfg.data.skip_corrupt)
     # Fewer clusters than a batch holds (a strict eps, an early epoch): this epoch's batches
     # hold all of them (whole clusters per process) rather than the run stopping.
     full = cfg.optim.batch_size // cfg.optim.num_instances
@@ -376,20 +367,13 @@ def _endless_batches(records: list[ImageRecord], cfg: ClusterConfig, info: DistI
     if per_batch < full:
         logger.warning("epoch %d: only %d clusters; batches of %d clusters x %d images this epoch instead of %d x %d",
                        epoch, num_clusters, per_batch, cfg.optim.num_instances, full, cfg.optim.num_instances)
-    shape: dict[str, Any] = dict(batch_size=per_batch * cfg.optim.num_instances,
-                                 num_instances=cfg.optim.num_instances, seed=cfg.run.seed, rank=info.rank,
-                                 world_size=info.world_size)
-    pids = [r.pid for r in records]
-    sampler = (CameraAwareIdentitySampler(pids, [r.camid for r in records], **shape) if cfg.optim.sampler == "camera"
-               else RandomIdentitySampler(pids, cover_all=True, **shape))
-    loader = DataLoader(dataset, batch_size=sampler.batch_size_per_rank, sampler=sampler,
-                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", drop_last=True)
-    # A pass over the sampler rarely covers exactly `iters` batches: keep drawing
-    # fresh passes, each with its own shuffle, like the published IterLoader.
-    for sub_epoch in itertools.count():
-        sampler.set_epoch(epoch * 1000 + sub_epoch)
-        for images, pids, _, _ in loader:
-            yield images, pids
+    loader, sampler = identity_loader(
+        records, img_size=cfg.data.img_size, mean=cfg.data.pixel_mean, std=cfg.data.pixel_std,
+        color_jitter=cfg.data.color_jitter, erasing=cfg.data.erasing, batch_size=per_batch * cfg.optim.num_instances,
+        num_instances=cfg.optim.num_instances, seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
+        cover_all=True, camera_aware=cfg.optim.sampler == "camera", num_workers=cfg.data.num_workers,
+        skip_corrupt=cfg.data.skip_corrupt, pin_memory=info.device.type == "cuda")
+    yield from endless_batches(loader, sampler, epoch, start_step)
 
 
 def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None,
@@ -401,7 +385,10 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         mode: ``usl`` (start from a pretrained backbone) or ``uda`` (start from
             the backbone of a source fine-tuned model; ``model.pretrained`` required).
         resume: None for a fresh run, ``""`` for the run directory's ``last.pth``,
-            or a checkpoint path. Pseudo labels are recomputed from the restored model.
+            or a checkpoint path. At an epoch boundary the pseudo labels are recomputed
+            from the restored model; inside an epoch (a stop request) the epoch's pseudo
+            labels, memory and step are restored, so the resumed run ends with the
+            uninterrupted run's weights, with any ``data.num_workers``.
         force_resume: resume even if the config changed.
 
     Returns:
@@ -428,7 +415,8 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
         scaler = make_grad_scaler(precision, info.device)
         state = run.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         if run.resumed:
-            logger.info("pseudo labels are recomputed from the restored model")
+            logger.info("%s", f"epoch {state.epoch + 1} continues at step {state.step} with its pseudo labels and "
+                              "memory" if state.step else "pseudo labels are recomputed from the restored model")
         train_model = run.wrap(model)
 
         iters = cfg.optim.iters
@@ -439,12 +427,21 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                             precision, info.world_size)
         metrics: dict[str, Any] = {}
         for epoch in run.epochs():
-            features = _extract_all(train_model, dataset.train, cfg, info, precision)
-            labels = None
-            if info.is_main:
-                labels = pseudo_labels(features, cfg.cluster.eps, cfg.cluster.min_samples, cfg.cluster.k1,
-                                       cfg.cluster.k2, search=cfg.cluster.search, device=info.device)
-            labels = broadcast_from_main(labels, info)  # DBSCAN runs once, on rank 0
+            start_step = state.step  # non-zero only in the epoch a stop request cut short
+            if start_step:  # stopped inside this epoch: its pseudo labels and memory as they were
+                labels = run.ckpt["pseudo_labels"].numpy()
+                memory = ClusterMemory(run.ckpt["memory"]["centroids"].shape[1], int(labels.max()) + 1,
+                                       temp=cfg.cluster.temp, momentum=cfg.cluster.momentum,
+                                       mode=cfg.cluster.memory_mode).to(info.device)
+                memory.load_state_dict(run.ckpt["memory"])
+                features = None
+            else:
+                features = _extract_all(train_model, dataset.train, cfg, info, precision)
+                labels = None
+                if info.is_main:
+                    labels = pseudo_labels(features, cfg.cluster.eps, cfg.cluster.min_samples, cfg.cluster.k1,
+                                           cfg.cluster.k2, search=cfg.cluster.search, device=info.device)
+                labels = broadcast_from_main(labels, info)  # DBSCAN runs once, on rank 0
             stats = cluster_stats(labels)
             if stats["num_clusters"] < max(2, info.world_size):  # a contrast needs two clusters per batch
                 raise TrainingError(
@@ -452,24 +449,28 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                     f"found {stats['num_clusters']} cluster(s) among {len(labels)} images, too few for cluster "
                     f"contrast on {info.world_size} process(es); raise cluster.eps or start from a better "
                     "model.pretrained")
-            memory = ClusterMemory.from_features(
-                torch.from_numpy(features).to(info.device), torch.from_numpy(labels).to(info.device),
-                temp=cfg.cluster.temp, momentum=cfg.cluster.momentum, mode=cfg.cluster.memory_mode)
+            if features is not None:
+                memory = ClusterMemory.from_features(
+                    torch.from_numpy(features).to(info.device), torch.from_numpy(labels).to(info.device),
+                    temp=cfg.cluster.temp, momentum=cfg.cluster.momentum, mode=cfg.cluster.memory_mode)
             labelled = [ImageRecord(r.path, int(y), r.camid) for r, y in zip(dataset.train, labels) if y >= 0]
-            batches = _endless_batches(labelled, cfg, info, epoch)
+            batches = _endless_batches(labelled, cfg, info, epoch, start_step)
             train_stats = train_one_epoch(
-                train_model, memory, batches, optimizer, scaler, iters=iters, epoch=epoch, device=info.device,
-                precision=precision, world_size=info.world_size, log_every=cfg.run.log_every,
+                train_model, memory, batches, optimizer, scaler, iters=iters - start_step, epoch=epoch,
+                device=info.device, precision=precision, world_size=info.world_size, log_every=cfg.run.log_every,
                 last_checkpoint=run.last, skip_nonfinite=cfg.run.skip_nonfinite, stop=run.stop)
             batches.close()
             if train_stats["stopped"]:
-                # The epoch is cut short: store the weights as they are, but as of the previous
-                # epoch, so that a resume reruns this epoch with fresh pseudo labels.
-                run.interrupt(epoch, 0, note=f"; `--resume` reruns epoch {epoch}")
+                # The epoch is cut short: the checkpoint is of the previous epoch plus the steps
+                # taken, with this epoch's pseudo labels and memory, so a resume continues the epoch.
+                run.interrupt(epoch, start_step + int(train_stats["batches"]),
+                              note=", `--resume` continues from the next step",
+                              extra={"pseudo_labels": torch.from_numpy(labels),
+                                     "memory": {k: v.cpu() for k, v in memory.state_dict().items()}})
                 continue
             scheduler.step()
-            record: dict[str, Any] = {"epoch": epoch, **stats,
-                                      **{k: v for k, v in train_stats.items() if k != "stopped"}}
+            record: dict[str, Any] = {"epoch": epoch, **stats, **{k: v for k, v in train_stats.items()
+                                                                  if k not in ("stopped", "batches")}}
             if run.eval_due(epoch):
                 if info.is_main:
                     metrics = evaluate_model(model, dataset, img_size=cfg.data.img_size, device=info.device,

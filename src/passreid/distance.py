@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 Metric = Literal["euclidean", "cosine"]
 Precision = Literal["fp32", "bf16"]
 ArrayLike = np.ndarray | torch.Tensor
+T = TypeVar("T")
 
 
 def as_float_tensor(x: ArrayLike, name: str) -> torch.Tensor:
@@ -262,6 +264,54 @@ def distance_chunks(
             yield start, block
 
     return chunks()
+
+
+def map_distance_chunks(
+    fn: Callable[[int, torch.Tensor], T],
+    qf: ArrayLike,
+    gf: ArrayLike,
+    *,
+    metric: Metric = "euclidean",
+    chunk_size: int,
+    device: str | torch.device | None = None,
+    precision: Precision = "fp32",
+    threads: int | None = None,
+) -> list[T]:
+    """``[fn(start, block) for start, block in distance_chunks(...)]``, CPU chunks in parallel.
+
+    On the CPU, ``threads`` threads each take a query chunk, compute its block with a
+    one-thread product and hand it to ``fn`` at once: the products never wait for each
+    other (a multi-threaded product synchronises its threads at every panel), and work
+    that ``fn`` does on one core (ranking) runs beside the other threads' products instead
+    of leaving cores idle between them. ``fn`` must be safe to call from several threads;
+    up to ``threads`` blocks exist at a time. Elsewhere (or with one thread) the chunks
+    run one after another, as :func:`distance_chunks` yields them.
+
+    Returns:
+        ``fn``'s results in chunk order.
+    """
+    threads = threads if threads is not None else torch.get_num_threads()
+    chunks = distance_chunks(qf, gf, metric=metric, chunk_size=chunk_size, device=device, precision=precision,
+                             threads=threads)
+    q = as_float_tensor(qf, "qf")
+    dev = torch.device(device) if device is not None else torch.as_tensor(gf).device
+    starts = range(0, q.shape[0], chunk_size)
+    if dev.type != "cpu" or threads <= 1 or len(starts) <= 1:
+        return [fn(start, block) for start, block in chunks]
+    with _guard(dev, threads):
+        gallery = _Gallery(as_float_tensor(gf, "gf").to(dev), metric, precision)
+
+    def work(start: int) -> T:
+        return fn(start, gallery.distances(q[start : start + chunk_size].to(dev)))
+
+    with _blas_threads(1), ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [pool.submit(work, start) for start in starts]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:  # an error ends the run: chunks not started are dropped
+                future.cancel()
+            raise
 
 
 def self_distance_blocks(

@@ -39,6 +39,7 @@ from passreid.config import (
 )
 from passreid.data.datasets import ImageRecord, ReIDDataset
 from passreid.data.samplers import RandomIdentitySampler
+from passreid.data.loaders import identity_loader
 from passreid.runtime import (
     DistInfo,
     agree_across_ranks,
@@ -226,36 +227,24 @@ def build_train_loader(
 ) -> tuple[DataLoader, RandomIdentitySampler]:
     """P x K loader of this rank with the recipe's augmentation (resize, flip, pad + crop, random erasing).
 
-    The loader has its own generator, re-seeded from (seed, rank, epoch) at every
-    epoch (:func:`seed_loader`): creating an epoch's iterator then takes nothing
-    from the global torch RNG, so a run stopped inside an epoch resumes to the
-    same weights with ``num_workers=0`` (with workers, their augmentation streams
-    restart at the resumed step, so that case is exact only at epoch boundaries).
+    Each image is augmented from the seed of its position in the epoch
+    (:class:`~passreid.data.seeding.PositionSeeds`), and the loader has its own
+    generator, so creating an epoch's iterator takes nothing from the global torch
+    RNG: a run stopped inside an epoch resumes to the same weights, with any
+    ``num_workers`` (the augmentation does not depend on it).
     """
-    from passreid.data.images import ImageDataset
-    from passreid.data.transforms import build_train_transform
-
     unit = cfg.optim.num_instances * info.world_size
     if cfg.optim.batch_size % unit:
         raise ConfigError(
             f"config key 'optim.batch_size': {cfg.optim.batch_size} must split into {info.world_size} processes "
             f"of whole identities (a multiple of num_instances x processes = {unit})"
         )
-    transform = build_train_transform(cfg.data.img_size, cfg.data.pixel_mean, cfg.data.pixel_std,
-                                      color_jitter=cfg.data.color_jitter, erasing=cfg.data.erasing)
-    dataset = ImageDataset(records, transform=transform, skip_corrupt=cfg.data.skip_corrupt)
-    sampler = RandomIdentitySampler([r.pid for r in records], cfg.optim.batch_size, cfg.optim.num_instances,
-                                    seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
-                                    cover_all=cfg.optim.cover_all_images)
-    loader = DataLoader(dataset, batch_size=sampler.batch_size_per_rank, sampler=sampler,
-                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", drop_last=True,
-                        generator=torch.Generator())
-    return loader, sampler
-
-
-def seed_loader(loader: DataLoader, seed: int, rank: int, epoch: int) -> None:
-    """Fix the worker seeds of ``epoch`` independently of the global RNG (see :func:`build_train_loader`)."""
-    loader.generator.manual_seed(((seed * 1000 + rank) * 100_000 + epoch) % 2**63)
+    return identity_loader(  # type: ignore[return-value]
+        records, img_size=cfg.data.img_size, mean=cfg.data.pixel_mean, std=cfg.data.pixel_std,
+        color_jitter=cfg.data.color_jitter, erasing=cfg.data.erasing, batch_size=cfg.optim.batch_size,
+        num_instances=cfg.optim.num_instances, seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
+        cover_all=cfg.optim.cover_all_images, num_workers=cfg.data.num_workers, skip_corrupt=cfg.data.skip_corrupt,
+        pin_memory=info.device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -365,9 +354,10 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
         cfg: the recipe.
         resume: None for a fresh run; ``""`` for the run directory's ``last.pth``; or a
             checkpoint path. Model, optimizer, scaler, schedule, every rank's RNG, the
-            sampler position and the best mAP so far are restored, so a run resumed at an
-            epoch boundary computes exactly what the uninterrupted run would have
-            (on the same hardware and process count).
+            sampler position and the best mAP so far are restored, so a resumed run
+            computes exactly what the uninterrupted run would have, from an epoch
+            boundary or inside an epoch, with any ``data.num_workers`` (on the same
+            hardware and process count).
         force_resume: resume even if the config or the data set fingerprint changed.
         progress: show a progress bar on rank 0 (the CLI does).
 
@@ -411,7 +401,6 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
 
         for epoch in run.epochs():
             sampler.set_epoch(epoch, start_batch=state.step)
-            seed_loader(loader, cfg.run.seed, info.rank, epoch)
             scheduler.set_epoch(epoch)
             budget = cfg.run.max_iters_per_epoch - state.step if cfg.run.max_iters_per_epoch else 0
             with explain_oom(cfg.optim.batch_size // info.world_size):

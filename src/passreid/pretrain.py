@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from passreid.config import RunConfig, check_choice, check_img_size, check_positive
-from passreid.data.records import CompactRecords
+from passreid.data.loaders import folder_loader
 from passreid.data.multicrop import MultiCrop, MultiCropSpec, build_multicrop
 from passreid.runtime import (
     DistInfo,
@@ -293,37 +293,19 @@ def last_layer_params(model: nn.Module) -> list[Tensor]:
 def build_loader(cfg: PretrainConfig, info: DistInfo, multicrop: MultiCrop) -> tuple[DataLoader, EpochSampler,
                                                                                      dict[str, Any]]:
     """This rank's loader over the image folder, its sampler, and the folder's fingerprint."""
-    from passreid.data.datasets import ImageFolderDataset, dataset_fingerprint
-    from passreid.data.images import ImageDataset
-
     data = cfg.data
     if data.batch_size % info.world_size:
         raise ConfigError(f"config key 'data.batch_size': {data.batch_size} (total) does not split into "
                           f"{info.world_size} processes")
-    index = Path(data.root) / data.index_file if data.index_file else None
-    folder = ImageFolderDataset(data.root, index_file=index, limit=data.limit or None,
-                                filter_list=data.filter_list or None)
-    fingerprint = dataset_fingerprint(folder.records, data.root)
-    records = CompactRecords(folder.records)
-    del folder
-    per_rank = data.batch_size // info.world_size
-    sampler = EpochSampler(len(records), per_rank, seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)
+    loader, sampler, fingerprint = folder_loader(
+        data.root, transform=multicrop.image_transform(), collate_fn=multicrop.collate,
+        batch_size=data.batch_size // info.world_size, seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
+        index_file=data.index_file, limit=data.limit, filter_list=data.filter_list, num_workers=data.num_workers,
+        skip_corrupt=data.skip_corrupt, pin_memory=info.device.type == "cuda")
     if sampler.batches_per_epoch == 0:
-        raise ConfigError(f"config key 'data.batch_size': {data.batch_size} is more than the {len(records)} "
+        raise ConfigError(f"config key 'data.batch_size': {data.batch_size} is more than the {sampler.num_samples} "
                           f"images under {data.root}")
-    dataset = ImageDataset(records, transform=multicrop.image_transform(), skip_corrupt=data.skip_corrupt)
-    # Its own generator (re-seeded every epoch by position_loader) draws the worker seeds: drawing them from the
-    # global RNG would shift the checkpointed stream and make a mid-epoch resume differ.
-    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=data.num_workers,
-                        collate_fn=multicrop.collate, pin_memory=info.device.type == "cuda", drop_last=True,
-                        generator=torch.Generator())
     return loader, sampler, fingerprint
-
-
-def position_loader(loader: DataLoader, sampler: EpochSampler, epoch: int, start_batch: int = 0) -> None:
-    """Position the sampler and seed the loader's worker streams from (seed, rank, epoch) for ``epoch``."""
-    sampler.set_epoch(epoch, start_batch=start_batch)
-    loader.generator.manual_seed(((sampler.seed * 1000 + sampler.rank) * 100_000 + epoch) % 2**63)
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -512,9 +494,10 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         resume: None for a fresh run; ``""`` for the run directory's ``last.pth``; or a
             checkpoint path. Student, teacher, centers, optimiser, scaler, every rank's
             RNG and the position in the epoch are restored: a resumed run computes what
-            the uninterrupted run would have (same hardware and process count), at an
-            epoch boundary always, inside an epoch when the views are made in the main
-            process (``aug.backend=gpu``; PIL workers restart their random streams).
+            the uninterrupted run would have (same hardware and process count), from an
+            epoch boundary or inside an epoch, with either backend and any
+            ``data.num_workers`` (the PIL views of an image are drawn from the seed of its
+            position in the epoch, :class:`~passreid.data.seeding.PositionSeeds`).
         force_resume: resume even if the config or the data set changed.
         progress: progress bar on rank 0.
 
@@ -576,7 +559,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         last_record: dict[str, Any] = {}
         for epoch in run.epochs():
             start_step = progress_state.step
-            position_loader(loader, sampler, epoch, start_batch=start_step)
+            sampler.set_epoch(epoch, start_batch=start_step)
             with explain_oom(cfg.data.batch_size // info.world_size):
                 stats = train_one_epoch(state, loader, epoch, start_step=start_step,
                                         max_steps=ipe - start_step, stop=run.stop, run_dir=run.dir,

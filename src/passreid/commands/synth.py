@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a new scene per image, each person in --images-per-person images, scenes from "
                              "every domain (or only --domain if given)")
     parser.add_argument("--images-per-person", type=int, default=4, help="with --pool: images of one person")
+    parser.add_argument("--scenes", type=int, default=0, metavar="N",
+                        help="with --pool: N cameras, each filming many people (as LUPerson's videos do), "
+                             "instead of a new scene per image")
+    parser.add_argument("--no-clutter", dest="clutter", action="store_false",
+                        help="with --pool: one scene behind the whole image instead of a patchwork of scenes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if args.pool is not None:
         paths = generate_pool(args.out, num_images=args.pool, seed=args.seed,
                               domains=[args.domain] if args.domain else list(DOMAINS), img_size=args.size,
-                              images_per_person=args.images_per_person, overwrite=args.overwrite)
+                              images_per_person=args.images_per_person, overwrite=args.overwrite,
+                              num_scenes=args.scenes, clutter=args.clutter)
         print(f"{len(paths)} unlabeled images in {args.out}")
         return 0
     dataset = generate_synthetic(

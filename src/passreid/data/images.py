@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from passreid.data.datasets import ImageRecord
+from passreid.data.seeding import seeded_rng
 from passreid.errors import BadImageError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ class ImageDataset(Dataset):
     is the position of the record actually returned, which differs from ``i``
     only when a bad file was replaced.
 
+    ``i`` may also be ``(i, seed)`` (what :class:`~passreid.data.seeding.PositionSeeds`
+    yields): the image is then read and transformed under
+    :func:`~passreid.data.seeding.seeded_rng`, so its augmentation depends on the
+    seed only, not on the process or worker that reads it.
+
     Args:
         records: the images to read.
         transform: callable applied to the RGB PIL image.
@@ -79,7 +85,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[Any, int, int, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, int, int, int]:
+        if isinstance(index, tuple):
+            index, seed = index
+            with seeded_rng(seed):
+                return self[index]
         if self._bad is None:
             return self._load(index)
         n = len(self.records)

@@ -574,6 +574,7 @@ def generate_pool(
     clutter: bool = True,
     jpeg_quality: int = 92,
     overwrite: bool = False,
+    num_scenes: int = 0,
 ) -> list[Path]:
     """Write an unlabeled pretraining pool like LUPerson: a flat folder of person crops, each in its own scene.
 
@@ -596,6 +597,10 @@ def generate_pool(
         out: folder to create; images are ``PPPPPP_K.jpg`` (person, image), which
             no ReID loader parses as a label.
         domains: the style families the scenes are drawn from.
+        num_scenes: with N > 0, N cameras are drawn once and every image is taken by one of them at
+            random, as LUPerson's crops come from videos that each show many people: the camera (its
+            background, light and cast) is then shared by about ``num_images / N`` images of different
+            people and no longer tells one image from the others. 0: a new camera per image.
 
     Returns:
         The written paths, in order.
@@ -603,9 +608,9 @@ def generate_pool(
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown or not domains:
         raise ConfigError(f"unknown synthetic domain(s) {unknown or domains!r}; choose from {', '.join(DOMAINS)}")
-    if num_images < 1 or images_per_person < 1 or seed < 0:
-        raise ConfigError(f"generate_pool needs num_images >= 1, images_per_person >= 1, seed >= 0; got "
-                          f"{num_images}, {images_per_person}, {seed}")
+    if num_images < 1 or images_per_person < 1 or seed < 0 or num_scenes < 0:
+        raise ConfigError(f"generate_pool needs num_images >= 1, images_per_person >= 1, seed >= 0, num_scenes >= 0; "
+                          f"got {num_images}, {images_per_person}, {seed}, {num_scenes}")
     out = Path(out)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -615,17 +620,25 @@ def generate_pool(
     size = (int(img_size[0]), int(img_size[1]))
     styles = [DOMAINS[d] for d in domains]
     paths: list[Path] = []
+    scenes = []
+    for s in range(num_scenes):
+        scene_rng = np.random.default_rng([seed, 7, s])
+        style = styles[int(scene_rng.integers(len(styles)))]
+        scenes.append((style, random_camera(scene_rng, style)))
     num_people = -(-num_images // images_per_person)
     for person_index in range(num_people):
         rng = np.random.default_rng([seed, 6, person_index])
         person = random_person(rng, styles[int(rng.integers(len(styles)))])
         for k in range(min(images_per_person, num_images - len(paths))):
-            style = styles[int(rng.integers(len(styles)))]
-            cam = random_camera(rng, style)
+            if scenes:
+                style, cam = scenes[int(rng.integers(len(scenes)))]
+            else:
+                style = styles[int(rng.integers(len(styles)))]
+                cam = random_camera(rng, style)
             background = cluttered_background(size, rng, styles) if clutter else None
             path = out / f"{person_index:06d}_{k}.jpg"
             Image.fromarray(render_image(person, cam, style, size, rng, background)).save(path, quality=jpeg_quality)
             paths.append(path)
-    logger.info("wrote an unlabeled pool of %d images (%d people, a scene per image) to %s", len(paths),
-                num_people, out)
+    logger.info("wrote an unlabeled pool of %d images (%d people, %s) to %s", len(paths), num_people,
+                f"{num_scenes} scenes" if num_scenes else "a scene per image", out)
     return paths
