@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from passreid import distance, evaluation
+from passreid import distance
+from passreid.evaluation import protocol
 from passreid.errors import DatasetError
 from passreid.evaluation import compute_distance, distance_chunks, evaluate, evaluate_distmat, format_metrics
 
@@ -16,7 +17,7 @@ from passreid.evaluation import compute_distance, distance_chunks, evaluate, eva
 def ranker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both rankings: row by row (the CPU's) and through keys of every candidate (other devices')."""
     if request.param == "keys":
-        monkeypatch.setattr(evaluation, "_scans_rows", lambda device: False)
+        monkeypatch.setattr(protocol, "_scans_rows", lambda device: False)
     return request.param
 
 
@@ -269,7 +270,7 @@ def test_matches_reference_with_junk_distractors_ties_and_no_match(
 def test_key_blocks_inside_a_chunk(monkeypatch: pytest.MonkeyPatch, ranker: str) -> None:
     """A chunk with more rows than the keys can number is ranked in sub-blocks (here 7 rows)."""
     dist, q_pids, g_pids, q_cams, g_cams = _hard_split(3)
-    monkeypatch.setattr(evaluation, "_ORDER_BITS", 63 - 3 - evaluation._index_bits(dist.shape[1]))
+    monkeypatch.setattr(protocol, "_ORDER_BITS", 63 - 3 - protocol._index_bits(dist.shape[1]))
     got = evaluate_distmat(dist, q_pids, g_pids, q_cams, g_cams, chunk_size=25)
     assert_same_metrics(got, reference_metrics(dist, q_pids, g_pids, q_cams, g_cams))
 
@@ -277,7 +278,7 @@ def test_key_blocks_inside_a_chunk(monkeypatch: pytest.MonkeyPatch, ranker: str)
 def test_radix_sorted_rows_keep_ties_and_signed_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows sorted through the int32 patterns (long rows) where no value has the sign bit,
     numpy's sort where one has (-0.0 included): the same metrics either way."""
-    monkeypatch.setattr(evaluation, "_RADIX_SORT_FROM", 1)
+    monkeypatch.setattr(protocol, "_RADIX_SORT_FROM", 1)
     for seed in range(3):
         dist, q_pids, g_pids, q_cams, g_cams = _hard_split(seed)
         dist = np.abs(dist)  # ties everywhere, no sign bit (-0.0 -> 0.0)

@@ -30,6 +30,7 @@ from torch import nn
 
 from passreid.data.images import read_image
 from passreid.data.transforms import HALF, build_test_transform
+from passreid.evaluation import average_precision, compute_distance, query_matches
 from passreid.models import PassViT
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,6 @@ def rank_queries(
     mean of the finite ``ap`` equals the protocol's mAP. Queries are processed
     ``chunk_size`` at a time so only a (chunk, G) block is in memory.
     """
-    from passreid.evaluation import compute_distance
 
     qf_t, gf_t = torch.as_tensor(qf).float(), torch.as_tensor(gf).float()
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
@@ -195,23 +195,13 @@ def rank_queries(
         order = np.argsort(dist, axis=1, kind="stable")
         for row, ranked in enumerate(order):
             i = start + row
-            same_id = g_pids[ranked] == q_pids[i]
-            keep = ~(same_id & (g_camids[ranked] == q_camids[i]))
-            ranked, matches = ranked[keep], same_id[keep]
+            ranked, matches = query_matches(ranked, q_pids[i], q_camids[i], g_pids, g_camids)
             ap[i] = average_precision(matches)
             m = min(k, len(ranked))
             top[i, :m] = ranked[:m]
             top_dist[i, :m] = dist[row, ranked[:m]]
             top_correct[i, :m] = matches[:m]
     return Rankings(ap=ap, top=top, top_dist=top_dist, top_correct=top_correct)
-
-
-def average_precision(matches: np.ndarray) -> float:
-    """AP of one ranked list of correct (True) / wrong flags: mean precision at the correct ones; NaN if none."""
-    hits = np.flatnonzero(matches)
-    if hits.size == 0:
-        return float("nan")
-    return float(np.mean(np.arange(1, hits.size + 1) / (hits + 1)))
 
 
 def worst_queries(ap: np.ndarray, n: int) -> list[int]:
