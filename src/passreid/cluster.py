@@ -49,6 +49,7 @@ from passreid.errors import ConfigError, DatasetError, TrainingError
 from passreid.clustering import cluster_stats, pseudo_labels
 from passreid.losses.cluster_memory import MEMORY_MODES, ClusterMemory
 from passreid.models import ReIDModel
+from passreid.training import optim as training_optim
 from passreid.training.run import GracefulStop, MeanStats, TrainingRun, describe, loss_is_finite
 
 logger = logging.getLogger(__name__)
@@ -200,10 +201,8 @@ def build_cluster_model(model_cfg: ModelConfig, img_size: Sequence[int], *, mode
 
 def build_optimizer(model: nn.Module, optim_cfg: ClusterOptimConfig) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over every trainable parameter, one learning rate and weight decay for all."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
-    return torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+    return training_optim.build_optimizer(model, name=optim_cfg.name, lr=optim_cfg.lr,
+                                          weight_decay=optim_cfg.weight_decay, momentum=optim_cfg.momentum)
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ from passreid.runtime import (
     resolve_precision,
     unwrap,
 )
+from passreid.training import optim as training_optim
 from passreid.training.run import GracefulStop, MeanStats, RunDir, TrainingRun, describe, loss_is_finite
 from passreid.training.schedules import WarmupCosineLR
 from passreid.errors import ConfigError
@@ -207,19 +208,10 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, *, device: torch.d
     Group 0 is always the weight group, so ``param_groups[0]["lr"]`` is the
     base learning rate. On CUDA the fused kernel updates all tensors at once.
     """
-    weights, biases = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (biases if name.endswith("bias") else weights).append(param)
-    groups = [
-        {"params": weights, "lr": optim_cfg.base_lr, "weight_decay": optim_cfg.weight_decay},
-        {"params": biases, "lr": optim_cfg.base_lr * optim_cfg.bias_lr_factor,
-         "weight_decay": optim_cfg.weight_decay_bias},
-    ]
-    kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
-    if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim_cfg.base_lr, **kwargs)
-    return torch.optim.SGD(groups, lr=optim_cfg.base_lr, momentum=optim_cfg.momentum, **kwargs)
+    return training_optim.build_optimizer(
+        model, name=optim_cfg.name, lr=optim_cfg.base_lr, weight_decay=optim_cfg.weight_decay,
+        momentum=optim_cfg.momentum, bias_lr_factor=optim_cfg.bias_lr_factor,
+        weight_decay_bias=optim_cfg.weight_decay_bias, fused=device.type == "cuda")
 
 
 def build_train_loader(

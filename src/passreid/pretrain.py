@@ -43,8 +43,9 @@ from passreid.errors import ConfigError
 from passreid.losses.pass_loss import PASSLoss
 from passreid.data.samplers import EpochSampler
 from passreid.export import export_backbone
-from passreid.models.pretrain_net import PassPretrainNet, build_pretrain_networks
+from passreid.models.pretrain_net import PassPretrainNet, build_pretrain_networks, last_layer_params
 from passreid.monitor import RetrievalMonitor, collapse_warning, describe_monitor
+from passreid.training.optim import clip_gradients, ema_update, param_groups
 from passreid.training.run import GracefulStop, RunDir, TrainingRun, loss_is_finite
 from passreid.training.schedules import PretrainSchedule
 
@@ -237,7 +238,7 @@ class PretrainConfig:
         )
 
 
-# ----------------------------------------------------------------------------- networks and optimisation pieces
+# ----------------------------------------------------------------------------- networks
 
 
 def build_networks(model_cfg: PretrainModelConfig, img_size: Sequence[int]) -> tuple[PassPretrainNet, PassPretrainNet]:
@@ -249,42 +250,6 @@ def build_networks(model_cfg: PretrainModelConfig, img_size: Sequence[int]) -> t
         norm_last_layer=model_cfg.norm_last_layer)
 
 
-
-
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on weights, none on biases and norm parameters (1-D tensors)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def clip_gradients(params: Sequence[Tensor], max_norm: float) -> Tensor:
-    """Scale each parameter's gradient to norm <= ``max_norm`` separately (the DINO rule), vectorised.
-
-    Returns:
-        (P,) gradient norms before clipping, for the parameters that have a gradient.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(0)
-    norms = torch.stack(torch._foreach_norm(grads))
-    coef = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
-    torch._foreach_mul_(grads, list(coef.unbind()))
-    return norms
-
-
-@torch.no_grad()
-def ema_update(teacher_params: Sequence[Tensor], student_params: Sequence[Tensor], momentum: float) -> None:
-    """``teacher <- momentum * teacher + (1 - momentum) * student`` for every pair, in one fused op."""
-    torch._foreach_lerp_(list(teacher_params), list(student_params), 1.0 - momentum)
-
-
-def last_layer_params(model: nn.Module) -> list[Tensor]:
-    """The prototype layers of the heads (frozen during the first ``freeze_last_layer_epochs``)."""
-    return [p for name, p in model.named_parameters() if ".last_layer." in f".{name}"]
 
 
 # ----------------------------------------------------------------------------- data

@@ -107,3 +107,8 @@ def build_pretrain_networks(name: str, *, img_size: tuple[int, int], depth: int 
     teacher.requires_grad_(False)
     teacher.eval()
     return student, teacher
+
+
+def last_layer_params(model: nn.Module) -> list[Tensor]:
+    """The prototype layers of the heads (frozen during the first ``freeze_last_layer_epochs``)."""
+    return [p for name, p in model.named_parameters() if ".last_layer." in f".{name}"]
