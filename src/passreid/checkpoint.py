@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ARCH_BY_DIM", "SAFE_GLOBALS", "STANDARD_WIDTH_PX", "LoadReport", "ParsedCheckpoint", "backbone_arch",
-    "build_meta", "build_model_from_checkpoint", "checkpoint_img_size", "checkpoint_info", "config_value",
+    "build_meta", "build_model_from_checkpoint", "build_reid_model", "checkpoint_img_size", "checkpoint_info", "config_value",
     "extract_backbone_state", "folder_not_checkpoint", "load_checkpoint", "load_parsed", "parse_checkpoint",
     "read_sidecar", "safe_load", "save_atomic", "timm_to_pass", "write_export",
 ]
@@ -245,6 +245,24 @@ def _mismatch_message(
 
 
 # ----------------------------------------------------------------------------- building a model
+
+
+def build_reid_model(name: str, *, img_size: tuple[int, int], depth: int | None = None, drop_path_rate: float = 0.0,
+                     pretrained: str = "", num_classes: int = 0, fusion: str = "cat", neck: str = "multi",
+                     test_feature: str = "before", neck_names: str = "finetune", normalize_output: bool = True,
+                     ghost_batch: int = 0) -> tuple[ReIDModel, LoadReport | None]:
+    """A new :class:`ReIDModel` whose backbone is ``pretrained`` (any supported checkpoint) when given.
+
+    Only the backbone is taken from the checkpoint (patch positions resized to
+    ``img_size`` when it was trained at another size): necks and classifier start
+    fresh. Returns the model and the load report (None without ``pretrained``).
+    """
+    backbone = create_model(name, img_size=img_size, depth=depth, drop_path_rate=drop_path_rate)
+    report = load_checkpoint(backbone, pretrained) if pretrained else None
+    model = ReIDModel(backbone, num_classes=num_classes, fusion=fusion, neck=neck,  # type: ignore[arg-type]
+                      test_feature=test_feature, neck_names=neck_names,  # type: ignore[arg-type]
+                      normalize_output=normalize_output, ghost_batch=ghost_batch)
+    return model, report
 
 
 def build_model_from_checkpoint(

@@ -179,24 +179,23 @@ def build_cluster_model(model_cfg: ModelConfig, img_size: Sequence[int], *, mode
     (``bottleneck``, ``bottleneck_pt1..3``). Its eval output is the published
     cluster feature (multi-neck: not normalised again unless ``renormalize``).
     """
-    from passreid.checkpoint import load_checkpoint
-    from passreid.models import create_model
+    from passreid.checkpoint import build_reid_model
 
-    backbone = create_model(model_cfg.name, img_size=tuple(img_size), depth=model_cfg.depth,
-                            drop_path_rate=model_cfg.drop_path_rate)
-    if model_cfg.pretrained:
-        report = load_checkpoint(backbone, model_cfg.pretrained)
-        if mode == "uda" and not any(k.startswith(("bottleneck", "classifier")) for k in report.ignored):
-            logger.warning("%s holds no ReID necks or classifier: UDA expects a model fine-tuned on the source "
-                           "set (`passreid train`), not a bare backbone", model_cfg.pretrained)
-    elif mode == "uda":
+    if mode == "uda" and not model_cfg.pretrained:
         raise ConfigError("config key 'model.pretrained' is empty: UDA starts from a model fine-tuned on the "
                           "source set (the output of `passreid train`)")
-    else:
+    if not model_cfg.pretrained:
         logger.warning("model.pretrained is empty: USL starts from a randomly initialised backbone")
-    return ReIDModel(backbone, num_classes=0, fusion=model_cfg.fusion, neck=model_cfg.neck,  # type: ignore[arg-type]
-                     test_feature="after", neck_names="cluster", normalize_output=renormalize,
-                     ghost_batch=model_cfg.ghost_batch)
+    model, report = build_reid_model(
+        model_cfg.name, img_size=(int(img_size[0]), int(img_size[1])), depth=model_cfg.depth,
+        drop_path_rate=model_cfg.drop_path_rate, pretrained=model_cfg.pretrained, fusion=model_cfg.fusion,
+        neck=model_cfg.neck, test_feature="after", neck_names="cluster", normalize_output=renormalize,
+        ghost_batch=model_cfg.ghost_batch)
+    if mode == "uda" and report is not None and not any(k.startswith(("bottleneck", "classifier"))
+                                                        for k in report.ignored):
+        logger.warning("%s holds no ReID necks or classifier: UDA expects a model fine-tuned on the source "
+                       "set (`passreid train`), not a bare backbone", model_cfg.pretrained)
+    return model
 
 
 def build_optimizer(model: nn.Module, optim_cfg: ClusterOptimConfig) -> torch.optim.Optimizer:

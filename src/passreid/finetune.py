@@ -54,7 +54,7 @@ from passreid.training.run import GracefulStop, MeanStats, RunDir, TrainingRun, 
 from passreid.training.schedules import WarmupCosineLR
 from passreid.errors import ConfigError
 from passreid.losses.reid import ReIDLoss
-from passreid.models import ReIDModel, create_model
+from passreid.models import ReIDModel
 
 logger = logging.getLogger(__name__)
 
@@ -186,19 +186,14 @@ def build_model(model_cfg: ModelConfig, *, num_classes: int, img_size: Sequence[
     bilinearly to ``img_size`` when it was trained at another size): the necks
     and the classifier belong to this data set's identities and start fresh.
     """
-    backbone = create_model(
-        model_cfg.name, img_size=(int(img_size[0]), int(img_size[1])), depth=model_cfg.depth,
-        drop_path_rate=model_cfg.drop_path_rate,
-    )
-    if model_cfg.pretrained:
-        from passreid.checkpoint import load_checkpoint
+    from passreid.checkpoint import build_reid_model
 
-        load_checkpoint(backbone, model_cfg.pretrained)
-    return ReIDModel(
-        backbone, num_classes=num_classes, fusion=model_cfg.fusion,  # type: ignore[arg-type]
-        neck=model_cfg.neck, test_feature=model_cfg.test_feature, neck_names="finetune",  # type: ignore[arg-type]
-        ghost_batch=model_cfg.ghost_batch,
-    )
+    model, _ = build_reid_model(
+        model_cfg.name, img_size=(int(img_size[0]), int(img_size[1])), depth=model_cfg.depth,
+        drop_path_rate=model_cfg.drop_path_rate, pretrained=model_cfg.pretrained, num_classes=num_classes,
+        fusion=model_cfg.fusion, neck=model_cfg.neck, test_feature=model_cfg.test_feature, neck_names="finetune",
+        ghost_batch=model_cfg.ghost_batch)
+    return model
 
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, *, device: torch.device) -> torch.optim.Optimizer:
