@@ -46,7 +46,7 @@ from passreid.export import export_backbone
 from passreid.models.pretrain_net import PassPretrainNet, build_pretrain_networks, last_layer_params
 from passreid.monitor import RetrievalMonitor, collapse_warning, describe_monitor
 from passreid.training.optim import clip_gradients, ema_update, param_groups
-from passreid.training.run import GracefulStop, RunDir, TrainingRun, loss_is_finite
+from passreid.training.run import GracefulStop, MeanStats, RunDir, TrainingRun, loss_is_finite
 from passreid.training.schedules import PretrainSchedule
 
 logger = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ def train_one_epoch(
     ipe = state.schedule.iters_per_epoch
     total = ipe - start_step if max_steps <= 0 else min(ipe - start_step, max_steps)
     images_per_step = loader.batch_size * world
-    sums: dict[str, Tensor] = {}
+    sums = MeanStats()  # summed on the device: no synchronisation per step
     scalars: dict[str, float] = {}
     steps = skipped = 0
     stopped = False
@@ -406,8 +406,7 @@ def train_one_epoch(
             else:
                 steps += 1
                 window_steps += 1
-                for key, value in result.stats.items():  # summed on the device: no synchronisation per step
-                    sums[key] = sums[key] + value.float() if key in sums else value.float().clone()
+                sums.add({key: value.float() for key, value in result.stats.items()})
                 if (it + 1) % log_every == 0:  # reading the values waits for the device: only every log_every steps
                     now = time.perf_counter()
                     rate = window_steps * images_per_step / max(now - window, 1e-9)
@@ -429,7 +428,7 @@ def train_one_epoch(
         if bar is not None:
             bar.close()  # also when a step raises: the error is not printed over it
     seconds = time.perf_counter() - start
-    out: dict[str, float] = {k: float(v) / steps for k, v in sums.items()} if steps else {}
+    out = sums.means()
     out.update(scalars)
     out.update(steps=float(steps), skipped=float(skipped), stopped=float(stopped),
                images_per_s=(steps + skipped) * images_per_step / seconds if seconds > 0 else 0.0)
