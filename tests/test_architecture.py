@@ -163,3 +163,16 @@ def test_stage_modules_do_not_reach_into_the_demo_or_each_other():
     stages = {"passreid.finetune", "passreid.pretrain", "passreid.cluster"}
     for stage in stages:
         assert not graph[stage] & (stages | {"passreid.demo"}), stage
+
+
+def test_the_demo_lists_every_stage_without_importing_the_stage_modules():
+    """``passreid.demo.run_demo()`` runs every stage from a fresh interpreter (no registration by import
+    side effects), and importing the demo pulls in no training stage (``passreid demo --help`` stays fast)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, passreid.demo as d; print([n for n, _ in d.DEMO_STAGES]); "
+            "print(sorted(m for m in ('passreid.finetune', 'passreid.pretrain', 'passreid.cluster') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}).stdout.splitlines()
+    assert out == ["['random-init', 'finetune', 'pass-pretrain+finetune', 'uda', 'visualize']", "[]"]

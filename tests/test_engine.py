@@ -204,3 +204,23 @@ def test_cores_beside_workers_gives_each_worker_a_core_on_cpu_and_restores():
         assert torch.get_num_threads() == 3  # restored after an error too
     finally:
         torch.set_num_threads(before)
+
+
+def test_training_run_restores_the_signal_handlers_when_an_epoch_raises(tmp_path):
+    import signal
+    from dataclasses import dataclass, field
+
+    from passreid.config import RunConfig
+    from passreid.training.run import TrainingRun
+
+    @dataclass
+    class Cfg:
+        run: RunConfig = field(default_factory=lambda: RunConfig(output_dir=str(tmp_path / "run"), epochs=3,
+                                                                 device="cpu"))
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="boom"), TrainingRun(Cfg()) as run:
+        for _ in run.epochs():
+            assert signal.getsignal(signal.SIGTERM) is not before
+            raise RuntimeError("boom")
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -29,7 +29,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,11 +227,14 @@ class TrainingRun:
         self.stop = GracefulStop()
         self._parts: dict[str, Any] = {}
         self._epoch_start = time.perf_counter()
+        self._epoch_loop: Generator[int, None, None] | None = None
 
     def __enter__(self) -> TrainingRun:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._epoch_loop is not None:
+            self._epoch_loop.close()  # an error inside an epoch: the signal handlers are restored now
         self.dir.close()
         cleanup_distributed()
 
@@ -297,9 +300,13 @@ class TrainingRun:
 
         After each epoch every rank agrees on whether any was asked to stop; the run then
         ends (``last.pth`` was written by :meth:`end_epoch`). After :meth:`interrupt` no
-        further epoch is given. Do not ``break`` out of the loop: the signal handlers are
-        restored when it ends.
+        further epoch is given. The signal handlers are restored when the loop ends, or at
+        the latest when the run is left.
         """
+        self._epoch_loop = self._epochs()
+        return self._epoch_loop
+
+    def _epochs(self) -> Generator[int, None, None]:
         with self.stop:
             for epoch in range(self.state.epoch + 1, self.cfg.run.epochs + 1):
                 self._epoch_start = time.perf_counter()
