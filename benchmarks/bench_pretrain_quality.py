@@ -3,14 +3,17 @@
 The ladder the method is about (PASS paper, Table 4 at full scale), measured at
 CPU scale on synthetic data:
 
-1. an unlabeled pretraining pool, LUPerson-like (``generate_pool``: a scene per
-   image, people seen in several scenes, three domain styles);
+1. an unlabeled pretraining pool, LUPerson-like (``generate_pool`` with 50
+   cameras from three domain styles, each filming ~60 people, every person in
+   4 images: ``passreid synth --pool 3000 --scenes 50 --no-clutter``);
 2. a labelled msmt-style set with disjoint identities: its train split (100
    identities) for a short fine-tuning, its query/gallery (100 other identities)
    for every evaluation;
 3. per seed: the tiny ViT (depth 4, 128x64) from random init, pretrained with
    plain DINO (``model.mode=dino``) and with PASS, both with the recipe
-   ``configs/pretrain/synthetic_tiny.yaml`` and the same steps, batch and views;
+   ``configs/pretrain/synthetic_tiny.yaml`` and the same steps, batch and views
+   (``--epochs`` over the pool: 4 by default, a third of the recipe's 12, so
+   that the whole benchmark fits in an hour on 2 cores);
    then for each: frozen-feature mAP/R1 (no training, :mod:`passreid.monitor`)
    and mAP/R1 after the same short fine-tuning (the demo's fine-tuning recipe).
 
@@ -19,7 +22,7 @@ whether the issue's targets hold (PASS frozen >= random frozen + 10 mAP; PASS +
 fine-tuning >= random + fine-tuning + 5 mAP on the mean with every seed ahead;
 PASS vs DINO reported as measured).
 
-    python benchmarks/bench_pretrain_quality.py            # 3 seeds x (2 pretrainings of the recipe + 3 fine-tunings)
+    python benchmarks/bench_pretrain_quality.py            # 3 seeds x (2 pretrainings of 375 steps + 3 fine-tunings)
     python benchmarks/bench_pretrain_quality.py --quick    # smoke run: one seed, 2 x 8 steps (58 s on 2 idle cores)
 """
 
@@ -42,13 +45,13 @@ RECIPE = REPO / "configs" / "pretrain" / "synthetic_tiny.yaml"
 ARMS = ("random", "dino", "pass")
 
 
-def make_data(work: Path, pool_images: int, quick: bool) -> tuple[Path, Path]:
+def make_data(work: Path, pool_images: int, quick: bool, scenes: int) -> tuple[Path, Path]:
     """The unlabeled pool and the labelled evaluation set (msmt style, 100 + 100 identities)."""
     from passreid.data.synthetic import generate_pool, generate_synthetic
 
     pool, labelled = work / "pool", work / "labelled"
     if not pool.exists():
-        generate_pool(pool, num_images=pool_images, seed=1000)
+        generate_pool(pool, num_images=pool_images, seed=1000, clutter=False, num_scenes=scenes)
     if not labelled.exists():
         ids = 40 if quick else 200
         generate_synthetic(labelled, num_ids=ids, num_train_ids=ids // 2, num_cams=6, seed=1001, domain="msmt")
@@ -111,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="one seed, a small pool, few steps (a smoke run)")
-    parser.add_argument("--pool-images", type=int, default=6000)
+    parser.add_argument("--pool-images", type=int, default=3000)
+    parser.add_argument("--scenes", type=int, default=50, help="cameras of the pool (0: a new scene per image)")
+    parser.add_argument("--epochs", type=int, default=4, help="pretraining epochs over the pool, every arm")
     parser.add_argument("--workdir", type=Path, help="keep data and runs here (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the pretraining recipe")
     args = parser.parse_args(argv)
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     seeds = args.seeds[:1] if args.quick else args.seeds
-    overrides = list(args.overrides)
+    overrides = [f"run.epochs={args.epochs}", *args.overrides]
     ft_epochs = None
     if args.quick:
         overrides += ["data.limit=256", "run.epochs=2", "optim.warmup_epochs=1"]
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        pool, labelled = make_data(work, 512 if args.quick else args.pool_images, args.quick)
+        pool, labelled = make_data(work, 512 if args.quick else args.pool_images, args.quick, args.scenes)
         from passreid.data.datasets import build_dataset
         from passreid.demo import DEMO_IMG_SIZE
         from passreid.monitor import RetrievalMonitor
