@@ -26,7 +26,7 @@ from torch import nn
 
 from passreid._compat import destroy_process_group
 from passreid.checkpoint import build_meta, save_atomic
-from passreid.config import config_diff
+from passreid.config import config_diff, rename_old_keys
 from passreid.errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,9 @@ def export_model(run_dir: RunDir, state: dict[str, torch.Tensor], config: dict[s
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], force: bool = False) -> None:
-    """Refuse to resume with a changed config unless forced; the error shows the diff."""
+    """Refuse to resume with a changed config unless forced; the error shows the diff. A run saved
+    with an old key name (:data:`passreid.config.RENAMED_KEYS`) compares under the new name."""
+    saved = rename_old_keys(saved, "the saved run config", warn=False)
     diff = config_diff(saved, current, ignore=RESUME_IGNORED_KEYS)
     if not diff:
         return

@@ -87,9 +87,9 @@ class OptimConfig:
     """SGD, P x K batches and the warm-up + cosine schedule of the published recipe.
 
     ``batch_size`` counts images per step over all processes; ``num_instances``
-    is K. The bias group gets ``base_lr * bias_lr_factor`` and
-    ``weight_decay_bias``. The schedule starts at ``warmup_factor * base_lr`` and
-    ends at ``eta_min_factor * base_lr`` (see :class:`WarmupCosineLR`).
+    is K. The bias group gets ``lr * bias_lr_factor`` and
+    ``weight_decay_bias``. The schedule starts at ``warmup_factor * lr`` and
+    ends at ``eta_min_factor * lr`` (see :class:`WarmupCosineLR`).
     ``name: adamw`` swaps SGD for AdamW (``momentum`` unused), as the published
     code allows; a randomly initialised ViT trains far faster with it.
     ``cover_all_images: true`` keeps passreid's earlier P x K epoch (every image
@@ -98,7 +98,7 @@ class OptimConfig:
     """
 
     name: str = "sgd"
-    base_lr: float = 4e-4
+    lr: float = 4e-4
     bias_lr_factor: float = 2.0
     weight_decay: float = 1e-4
     weight_decay_bias: float = 1e-4
@@ -112,7 +112,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, OPTIMIZERS)
-        for key in ("base_lr", "bias_lr_factor", "batch_size", "num_instances"):
+        for key in ("lr", "bias_lr_factor", "batch_size", "num_instances"):
             check_positive(f"optim.{key}", getattr(self, key))
         for key in ("weight_decay", "weight_decay_bias", "momentum", "warmup_epochs"):
             check_positive(f"optim.{key}", getattr(self, key), allow_zero=True)
@@ -218,7 +218,7 @@ def build_model(model_cfg: ModelConfig, *, num_classes: int, img_size: Sequence[
 
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, *, device: torch.device) -> torch.optim.Optimizer:
-    """SGD (or AdamW) with two groups: weights (``base_lr``, ``weight_decay``) and
+    """SGD (or AdamW) with two groups: weights (``lr``, ``weight_decay``) and
     biases (x ``bias_lr_factor``, ``weight_decay_bias``).
 
     Group 0 is always the weight group, so ``param_groups[0]["lr"]`` is the
@@ -229,14 +229,14 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, *, device: torch.d
         if param.requires_grad:
             (biases if name.endswith("bias") else weights).append(param)
     groups = [
-        {"params": weights, "lr": optim_cfg.base_lr, "weight_decay": optim_cfg.weight_decay},
-        {"params": biases, "lr": optim_cfg.base_lr * optim_cfg.bias_lr_factor,
+        {"params": weights, "lr": optim_cfg.lr, "weight_decay": optim_cfg.weight_decay},
+        {"params": biases, "lr": optim_cfg.lr * optim_cfg.bias_lr_factor,
          "weight_decay": optim_cfg.weight_decay_bias},
     ]
     kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
     if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim_cfg.base_lr, **kwargs)
-    return torch.optim.SGD(groups, lr=optim_cfg.base_lr, momentum=optim_cfg.momentum, **kwargs)
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, **kwargs)
+    return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, **kwargs)
 
 
 class WarmupCosineLR:
@@ -487,7 +487,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
         precision = resolve_precision(cfg.run.precision, info.device)
         model = build_model(cfg.model, num_classes=dataset.num_train_pids, img_size=cfg.data.img_size).to(info.device)
         optimizer = build_optimizer(model, cfg.optim, device=info.device)
-        scheduler = WarmupCosineLR(optimizer, base_lr=cfg.optim.base_lr, epochs=cfg.run.epochs,
+        scheduler = WarmupCosineLR(optimizer, base_lr=cfg.optim.lr, epochs=cfg.run.epochs,
                                    warmup_epochs=cfg.optim.warmup_epochs, warmup_factor=cfg.optim.warmup_factor,
                                    eta_min_factor=cfg.optim.eta_min_factor)
         scaler = make_grad_scaler(precision, info.device)
@@ -639,7 +639,7 @@ def demo_config(ctx: DemoContext, name: str, pretrained: str | None = None) -> F
                           pretrained=pretrained or ""),
         run=RunConfig(output_dir=str(ctx.workdir / name), seed=ctx.seed, epochs=DEMO_EPOCHS,
                       eval_every=DEMO_EPOCHS, log_every=10, device=str(ctx.device)),
-        optim=OptimConfig(name="adamw", base_lr=1e-3, bias_lr_factor=1.0, weight_decay=0.05, weight_decay_bias=0.0,
+        optim=OptimConfig(name="adamw", lr=1e-3, bias_lr_factor=1.0, weight_decay=0.05, weight_decay_bias=0.0,
                           warmup_epochs=1, warmup_factor=0.1, batch_size=16, num_instances=4, cover_all_images=True),
     )
 
