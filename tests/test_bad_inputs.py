@@ -498,8 +498,9 @@ def test_config_unknown_key_names_file_and_key(tmp_path: Path) -> None:
 
 def test_config_unknown_override_names_the_key() -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(FinetuneConfig, RECIPE, ["optim.lr=0.1"])
-    assert "override 'optim.lr=0.1'" in str(err.value) and "Key 'lr' not in 'OptimConfig'" in str(err.value)
+        load_config(FinetuneConfig, RECIPE, ["optim.learning_rate=0.1"])
+    message = str(err.value)
+    assert "override 'optim.learning_rate=0.1'" in message and "Key 'learning_rate' not in 'OptimConfig'" in message
 
 
 @pytest.mark.parametrize(
@@ -603,7 +604,7 @@ def tiny_recipe(market: Path, tmp_path: Path) -> Path:
         f"data: {{dataset: synthetic, root: {market}, img_size: [64, 32], num_workers: 0}}\n"
         "model: {name: pass_vit_tiny, depth: 1, pretrained: ''}\n"
         f"run: {{output_dir: {tmp_path / 'run'}, epochs: 2, device: cpu}}\n"
-        "optim: {batch_size: 8, num_instances: 4, base_lr: 0.01}\n"
+        "optim: {batch_size: 8, num_instances: 4, lr: 0.01}\n"
     )
     return recipe
 
@@ -630,18 +631,18 @@ def test_resume_with_a_changed_config_is_refused_showing_the_diff(
     tiny_recipe: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _fake_last(tiny_recipe, [])
-    code = cli_main(["train", str(tiny_recipe), "optim.base_lr=0.02", "loss.label_smoothing=0.1", "--resume"])
+    code = cli_main(["train", str(tiny_recipe), "optim.lr=0.02", "loss.label_smoothing=0.1", "--resume"])
     assert code == 2
     lines = _error_lines(capsys)
     assert lines[0].startswith("passreid train: error: the config differs from the one the run was started with")
     assert "--force-resume" in lines[0]
-    assert [line.strip() for line in lines[1:]] == ["loss.label_smoothing: 0.0 -> 0.1", "optim.base_lr: 0.01 -> 0.02"]
+    assert [line.strip() for line in lines[1:]] == ["loss.label_smoothing: 0.0 -> 0.1", "optim.lr: 0.01 -> 0.02"]
 
 
 def test_forced_resume_with_a_changed_config_logs_the_diff(caplog: pytest.LogCaptureFixture) -> None:
-    saved = {"optim": {"base_lr": 0.01}, "run": {"output_dir": "a", "epochs": 4}}
-    check_resume_config(saved, {"optim": {"base_lr": 0.02}, "run": {"output_dir": "b", "epochs": 4}}, force=True)
-    assert "resuming with a changed config (forced)" in caplog.text and "optim.base_lr: 0.01 -> 0.02" in caplog.text
+    saved = {"optim": {"lr": 0.01}, "run": {"output_dir": "a", "epochs": 4}}
+    check_resume_config(saved, {"optim": {"lr": 0.02}, "run": {"output_dir": "b", "epochs": 4}}, force=True)
+    assert "resuming with a changed config (forced)" in caplog.text and "optim.lr: 0.01 -> 0.02" in caplog.text
     assert "output_dir" not in caplog.text  # where the run lives is not part of what it computes
 
 
@@ -785,9 +786,9 @@ def test_failed_start_leaves_no_run_folder(
 def test_print_config_shows_the_resolved_recipe_and_trains_nothing(
     tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli_main(["train", str(tiny_recipe), "optim.base_lr=0.02", "--print-config"]) == 0
+    assert cli_main(["train", str(tiny_recipe), "optim.lr=0.02", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["optim"]["base_lr"] == 0.02 and printed["run"]["output_dir"] == str(tmp_path / "run")
+    assert printed["optim"]["lr"] == 0.02 and printed["run"]["output_dir"] == str(tmp_path / "run")
     assert printed["loss"]["label_smoothing"] == 0.0  # defaults are filled in
     assert not (tmp_path / "run").exists()
 

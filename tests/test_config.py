@@ -100,3 +100,27 @@ def test_config_diff_lists_changed_dotted_keys():
     old = {"optim": {"lr": 0.1, "batch_size": 64}, "run": {"output_dir": "a"}}
     new = {"optim": {"lr": 0.2, "batch_size": 64}, "run": {"output_dir": "b"}}
     assert config_diff(old, new, ignore=["run.output_dir"]) == ["optim.lr: 0.1 -> 0.2"]
+
+
+# ----------------------------------------------------------------------------- one learning-rate key
+
+
+def test_old_finetune_lr_key_loads_under_its_new_name(tmp_path, caplog) -> None:
+    from passreid.engine import check_resume_config
+    from passreid.finetune import FinetuneConfig
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("optim: {base_lr: 0.02, batch_size: 8, num_instances: 4}\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(FinetuneConfig, recipe)
+    assert cfg.optim.lr == 0.02
+    assert f"{recipe}: config key 'optim.base_lr' is now 'optim.lr'" in caplog.text
+    assert load_config(FinetuneConfig, None, ["optim.base_lr=0.03"]).optim.lr == 0.03
+    assert load_config(FinetuneConfig, recipe, ["optim.lr=0.05"]).optim.lr == 0.05  # the new name wins later
+    recipe.write_text("optim: {base_lr: 0.02, lr: 0.01}\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: config keys 'optim.base_lr' and 'optim.lr' both set"):
+        load_config(FinetuneConfig, recipe)
+    # A run folder saved before the rename resumes without a config difference.
+    check_resume_config({"optim": {"base_lr": 0.02}}, {"optim": {"lr": 0.02}})
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.02 -> 0.04"):
+        check_resume_config({"optim": {"base_lr": 0.02}}, {"optim": {"lr": 0.04}})

@@ -62,7 +62,7 @@ def tiny_config(root: Path, out: Path, *overrides: str) -> FinetuneConfig:
     base = [
         "data.dataset=synthetic", f"data.root={root}", f"data.img_size=[{IMG[0]},{IMG[1]}]", "data.num_workers=0",
         "model.name=pass_vit_tiny", "model.depth=1", f"run.output_dir={out}", "run.epochs=2",
-        "run.eval_every=1", "run.device=cpu", "run.log_every=1", "optim.batch_size=16", "optim.base_lr=0.05",
+        "run.eval_every=1", "run.device=cpu", "run.log_every=1", "optim.batch_size=16", "optim.lr=0.05",
         "optim.warmup_epochs=1", "test.batch_size=64",
     ]
     return load_config(FinetuneConfig, None, [*base, *overrides])
@@ -126,7 +126,7 @@ def test_optimizer_gives_biases_twice_the_rate_and_skips_frozen_neck_bias():
     model = build_model(finetune.ModelConfig(name="pass_vit_tiny", depth=1), num_classes=5, img_size=IMG)
     opt = build_optimizer(model, cfg, device=torch.device("cpu"))
     weights, biases = opt.param_groups
-    assert (weights["lr"], biases["lr"]) == (cfg.base_lr, 2 * cfg.base_lr)
+    assert (weights["lr"], biases["lr"]) == (cfg.lr, 2 * cfg.lr)
     assert (weights["weight_decay"], biases["weight_decay"]) == (1e-4, 0.0)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].endswith("bias") for p in biases["params"])
@@ -183,7 +183,7 @@ def test_market_to_msmt17_uda_starts_from_the_final_model_of_the_mean_fusion_mar
     ("override", "fragment"),
     [
         ("optim.learning_rate=0.1", "optim.learning_rate"),
-        ("optim.base_lr=fast", "optim.base_lr"),
+        ("optim.lr=fast", "optim.lr"),
         ("loss.triplet_margin=wide", "loss.triplet_margin"),
         ("optim.batch_size=30", "optim.batch_size"),
         ("loss.label_smoothing=1.5", "loss.label_smoothing"),
@@ -205,7 +205,7 @@ def test_triplet_margin_accepts_a_number_or_null():
 def test_short_run_learns_beats_random_init_and_exports_the_published_layout(learnable, tmp_path):
     size = (128, 64)
     cfg = tiny_config(learnable, tmp_path / "run", "data.img_size=[128,64]", "run.epochs=6", "run.eval_every=3",
-                      "optim.name=adamw", "optim.base_lr=0.003", "model.drop_path_rate=0.0")
+                      "optim.name=adamw", "optim.lr=0.003", "model.drop_path_rate=0.0")
     result = run_finetune(cfg)
     run = tmp_path / "run"
     records = metrics_of(run)
@@ -302,8 +302,8 @@ def test_resume_refuses_a_changed_config_unless_forced(synth, tmp_path, monkeypa
     with monkeypatch.context() as patch:
         stop_after_epoch(patch, 1)
         run_finetune(cfg)
-    changed = tiny_config(synth, tmp_path / "run", "run.epochs=3", "optim.base_lr=0.01")
-    with pytest.raises(ConfigError, match="optim.base_lr: 0.05 -> 0.01"):
+    changed = tiny_config(synth, tmp_path / "run", "run.epochs=3", "optim.lr=0.01")
+    with pytest.raises(ConfigError, match="optim.lr: 0.05 -> 0.01"):
         run_finetune(changed, resume="")
     with pytest.raises(TrainingError, match="does not exist"):
         run_finetune(cfg, resume=str(tmp_path / "nope.pth"))
@@ -372,9 +372,9 @@ def test_cli_trains_a_recipe_with_overrides_and_guards_resume(synth, tmp_path, c
     assert main(args) == 0
     assert "final: mAP" in capsys.readouterr().out
     assert main([*args, "--resume"]) == 0  # a finished run: nothing left to train, the export is rewritten
-    assert main([*args, "optim.base_lr=0.1", "--resume"]) == 2
-    assert "optim.base_lr: 0.0004 -> 0.1" in capsys.readouterr().err
-    assert main([*args, "optim.base_lr=0.1", "--resume", "--force-resume"]) == 0
+    assert main([*args, "optim.lr=0.1", "--resume"]) == 2
+    assert "optim.lr: 0.0004 -> 0.1" in capsys.readouterr().err
+    assert main([*args, "optim.lr=0.1", "--resume", "--force-resume"]) == 0
 
 
 # ----------------------------------------------------------------------------- DDP

@@ -39,7 +39,7 @@ RECIPE = {
     "model": {"name": "pass_vit_tiny", "depth": 1, "drop_path_rate": 0.1, "pretrained": ""},
     "run": {"seed": 3, "epochs": EPOCHS, "eval_every": EPOCHS, "log_every": 1000, "device": "cpu",
             "precision": "fp32"},
-    "optim": {"base_lr": 0.01, "warmup_epochs": 1, "warmup_factor": 0.1, "batch_size": 8, "num_instances": 4},
+    "optim": {"lr": 0.01, "warmup_epochs": 1, "warmup_factor": 0.1, "batch_size": 8, "num_instances": 4},
     "test": {"batch_size": 32},
 }
 # One thread: the runs are as fast as they get on a shared 2-core machine, and bitwise repeatable.
@@ -213,7 +213,7 @@ def test_info_shows_config_versions_and_fingerprint(
     assert cli_main(["info", str(reference / name)]) == 0
     table = capsys.readouterr().out
     for text in ("passreid_version", passreid.__version__, torch.__version__, fingerprint["list_sha1"],
-                 "optim.base_lr"):
+                 "optim.lr"):
         assert text in table, text
 
 

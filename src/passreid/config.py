@@ -10,7 +10,9 @@ returns a schema instance. Unknown keys, wrong types and impossible values raise
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from passreid.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -171,7 +175,36 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> list[tuple[Pa
     return chain
 
 
+RENAMED_KEYS: dict[str, str] = {"optim.base_lr": "optim.lr"}
+"""Old dotted key -> its name now. Recipes, overrides and saved run configs that use an old name still
+load (with a warning), so that one key names one setting in every stage."""
+
+
+def rename_old_keys(data: dict[str, Any], source: str, warn: bool = True) -> dict[str, Any]:
+    """A copy of the nested ``data`` with every key of :data:`RENAMED_KEYS` under its new name."""
+    data = copy.deepcopy(data)
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        new_leaf = new.rsplit(".", 1)[-1]
+        if new_leaf in node:
+            raise ConfigError(f"{source}: config keys {old!r} and {new!r} both set; {old!r} is the old name of "
+                              f"{new!r}, keep only {new!r}")
+        node[new_leaf] = node.pop(leaf)
+        if warn:
+            logger.warning("%s: config key %r is now %r; please rename it", source, old, new)
+    return data
+
+
 def _merge(schema_cfg: Any, data: Any, source: str) -> Any:
+    if isinstance(data, dict):
+        data = rename_old_keys(data, source)
+    elif OmegaConf.is_dict(data):
+        data = rename_old_keys(OmegaConf.to_container(data), source)
     try:
         return OmegaConf.merge(schema_cfg, data)
     except OmegaConfBaseException as exc:

@@ -210,7 +210,7 @@ def finetune_config(ctx: DemoContext, name: str, pretrained: str | None = None) 
                           pretrained=pretrained or ""),
         run=RunConfig(output_dir=str(ctx.workdir / name), seed=ctx.seed, epochs=FINETUNE_EPOCHS,
                       eval_every=FINETUNE_EPOCHS, log_every=10, device=str(ctx.device)),
-        optim=OptimConfig(name="adamw", base_lr=1e-3, bias_lr_factor=1.0, weight_decay=0.05, weight_decay_bias=0.0,
+        optim=OptimConfig(name="adamw", lr=1e-3, bias_lr_factor=1.0, weight_decay=0.05, weight_decay_bias=0.0,
                           warmup_epochs=1, warmup_factor=0.1, batch_size=16, num_instances=4, cover_all_images=True),
     )
 

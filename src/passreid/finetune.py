@@ -71,9 +71,9 @@ class OptimConfig:
     """SGD, P x K batches and the warm-up + cosine schedule of the published recipe.
 
     ``batch_size`` counts images per step over all processes; ``num_instances``
-    is K. The bias group gets ``base_lr * bias_lr_factor`` and
-    ``weight_decay_bias``. The schedule starts at ``warmup_factor * base_lr`` and
-    ends at ``eta_min_factor * base_lr`` (see :class:`WarmupCosineLR`).
+    is K. The bias group gets ``lr * bias_lr_factor`` and
+    ``weight_decay_bias``. The schedule starts at ``warmup_factor * lr`` and
+    ends at ``eta_min_factor * lr`` (see :class:`WarmupCosineLR`).
     ``name: adamw`` swaps SGD for AdamW (``momentum`` unused), as the published
     code allows; a randomly initialised ViT trains far faster with it.
     ``cover_all_images: true`` keeps passreid's earlier P x K epoch (every image
@@ -82,7 +82,7 @@ class OptimConfig:
     """
 
     name: str = "sgd"
-    base_lr: float = 4e-4
+    lr: float = 4e-4
     bias_lr_factor: float = 2.0
     weight_decay: float = 1e-4
     weight_decay_bias: float = 1e-4
@@ -96,7 +96,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, OPTIMIZERS)
-        for key in ("base_lr", "bias_lr_factor", "batch_size", "num_instances"):
+        for key in ("lr", "bias_lr_factor", "batch_size", "num_instances"):
             check_positive(f"optim.{key}", getattr(self, key))
         for key in ("weight_decay", "weight_decay_bias", "momentum", "warmup_epochs"):
             check_positive(f"optim.{key}", getattr(self, key), allow_zero=True)
@@ -197,14 +197,14 @@ def build_model(model_cfg: ModelConfig, *, num_classes: int, img_size: Sequence[
 
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, *, device: torch.device) -> torch.optim.Optimizer:
-    """SGD (or AdamW) with two groups: weights (``base_lr``, ``weight_decay``) and
+    """SGD (or AdamW) with two groups: weights (``lr``, ``weight_decay``) and
     biases (x ``bias_lr_factor``, ``weight_decay_bias``).
 
     Group 0 is always the weight group, so ``param_groups[0]["lr"]`` is the
     base learning rate. On CUDA the fused kernel updates all tensors at once.
     """
     return training_optim.build_optimizer(
-        model, name=optim_cfg.name, lr=optim_cfg.base_lr, weight_decay=optim_cfg.weight_decay,
+        model, name=optim_cfg.name, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
         momentum=optim_cfg.momentum, bias_lr_factor=optim_cfg.bias_lr_factor,
         weight_decay_bias=optim_cfg.weight_decay_bias, fused=device.type == "cuda")
 
@@ -368,7 +368,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, force_resume: b
         precision = resolve_precision(cfg.run.precision, info.device)
         model = build_model(cfg.model, num_classes=dataset.num_train_pids, img_size=cfg.data.img_size).to(info.device)
         optimizer = build_optimizer(model, cfg.optim, device=info.device)
-        scheduler = WarmupCosineLR(optimizer, base_lr=cfg.optim.base_lr, epochs=cfg.run.epochs,
+        scheduler = WarmupCosineLR(optimizer, base_lr=cfg.optim.lr, epochs=cfg.run.epochs,
                                    warmup_epochs=cfg.optim.warmup_epochs, warmup_factor=cfg.optim.warmup_factor,
                                    eta_min_factor=cfg.optim.eta_min_factor)
         scaler = make_grad_scaler(precision, info.device)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from passreid.checkpoint import build_meta, save_atomic, write_export
-from passreid.config import config_diff
+from passreid.config import config_diff, rename_old_keys
 from passreid.errors import ConfigError, TrainingError
 from passreid.runtime import capture_rng_state, restore_rng_state, unwrap
 from passreid.training.rundir import RunDir
@@ -112,7 +112,9 @@ def export_model(run_dir: RunDir, state: dict[str, torch.Tensor], config: dict[s
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], force: bool = False) -> None:
-    """Refuse to resume with a changed config unless forced; the error shows the diff."""
+    """Refuse to resume with a changed config unless forced; the error shows the diff. A run saved
+    with an old key name (:data:`passreid.config.RENAMED_KEYS`) compares under the new name."""
+    saved = rename_old_keys(saved, "the saved run config", warn=False)
     diff = config_diff(saved, current, ignore=RESUME_IGNORED_KEYS)
     if not diff:
         return
