@@ -124,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     seeds = args.seeds[:1] if args.quick else args.seeds
-    overrides = [f"run.epochs={args.epochs}", *args.overrides]
+    overrides = [f"run.epochs={2 if args.quick else args.epochs}", *args.overrides]
     ft_epochs = None
     if args.quick:
-        overrides += ["data.limit=256", "run.epochs=2", "optim.warmup_epochs=1"]
+        overrides += ["data.limit=256", "optim.warmup_epochs=1"]
         ft_epochs = 2
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
