@@ -22,6 +22,7 @@ from passreid.checkpoint import (
     save_atomic,
 )
 from passreid.errors import CheckpointError
+from passreid.fileio import write_text_atomic
 from passreid.models import PassViT, ReIDModel, create_model, resize_pos_embed
 
 SMALL = (64, 32)  # 4x2 patch grid
@@ -479,6 +480,24 @@ def test_save_atomic_keeps_old_file_when_writing_fails(tmp_path: Path, monkeypat
 
     save_atomic({"epoch": 2}, path)
     assert safe_load(path) == {"epoch": 2} and os.listdir(tmp_path) == ["last.pth"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path: Path, umask: int) -> None:
+    # mkstemp makes owner-only files; a checkpoint or export in a shared run folder must not be (0o644 at the
+    # usual umask 022, as `open()` gives), and a stricter umask is still honoured.
+    old = os.umask(umask)
+    try:
+        save_atomic({"epoch": 1}, tmp_path / "last.pth")
+        write_text_atomic(tmp_path / "config.yaml", "a: 1\n")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    expected = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("last.pth", "config.yaml"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
 
 
 # ----------------------------------------------------------------------------- description and building

@@ -106,18 +106,25 @@ def test_pool_with_scenes_shares_each_camera_between_many_images(tmp_path: Path)
         generate_pool(tmp_path / "bad", num_images=2, num_scenes=-1)
 
 
-def test_monitor_in_a_run_logs_epoch_0_and_every_epoch(tmp_path: Path) -> None:
-    generate_pool(tmp_path / "pool", num_images=16, seed=0, img_size=(64, 32))
-    generate_synthetic(tmp_path / "eval", num_ids=8, num_cams=2, seed=1, img_size=(64, 32), num_distractors=2,
-                       num_junk=1)
-    cfg = PretrainConfig(
+def tiny_monitored_run(tmp_path: Path, name: str = "run", *, monitor: bool = True, init: str = "") -> PretrainConfig:
+    if not (tmp_path / "pool").exists():
+        generate_pool(tmp_path / "pool", num_images=16, seed=0, img_size=(64, 32))
+        generate_synthetic(tmp_path / "eval", num_ids=8, num_cams=2, seed=1, img_size=(64, 32), num_distractors=2,
+                           num_junk=1)
+    return PretrainConfig(
         data=PretrainDataConfig(root=str(tmp_path / "pool"), img_size=[64, 32], batch_size=8, num_workers=0),
         aug=AugConfig(backend="gpu", decode_size=[64, 32], local_size=[32, 16]),
-        model=PretrainModelConfig(name="pass_vit_tiny", depth=1, out_dim=32, hidden_dim=16, bottleneck_dim=8),
+        model=PretrainModelConfig(name="pass_vit_tiny", depth=1, out_dim=32, hidden_dim=16, bottleneck_dim=8,
+                                  init=init),
         optim=PretrainOptimConfig(warmup_epochs=1),
-        eval=PretrainEvalConfig(dataset="synthetic", root=str(tmp_path / "eval"), every=2),
-        run=RunConfig(output_dir=str(tmp_path / "run"), epochs=3, log_every=1, device="cpu"),
+        eval=PretrainEvalConfig(dataset="synthetic" if monitor else "", root=str(tmp_path / "eval") if monitor else "",
+                                every=2),
+        run=RunConfig(output_dir=str(tmp_path / name), epochs=3, log_every=1, device="cpu"),
     )
+
+
+def test_monitor_in_a_run_logs_epoch_0_and_every_epoch(tmp_path: Path) -> None:
+    cfg = tiny_monitored_run(tmp_path)
     run_pretrain(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2, 3]
@@ -133,6 +140,37 @@ def test_monitor_in_a_run_logs_epoch_0_and_every_epoch(tmp_path: Path) -> None:
     monitor = RetrievalMonitor(build_dataset("synthetic", str(tmp_path / "eval")), (64, 32))
     backbone = create_model("pass_vit_tiny", img_size=(64, 32), depth=1)
     assert set(monitor(backbone)) == {"mAP", "mINP", "rank1", "rank5", "rank10", "knn_top1"}
+
+
+def test_the_monitor_does_not_change_what_the_run_trains(tmp_path: Path) -> None:
+    # Extracting features used to draw the loader's seed from the global RNG, so switching the monitor on
+    # shifted drop path and the batched views: the same recipe trained other weights (study run N).
+    watched = run_pretrain(tiny_monitored_run(tmp_path, "watched"))
+    plain = run_pretrain(tiny_monitored_run(tmp_path, "plain", monitor=False))
+    a, b = torch.load(watched["backbone"]), torch.load(plain["backbone"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_starts_student_and_teacher_from_a_backbone(tmp_path: Path) -> None:
+    from passreid.errors import ConfigError
+    from passreid.pretrain import build_networks
+
+    first = run_pretrain(tiny_monitored_run(tmp_path, "first", monitor=False))
+    exported = torch.load(first["backbone"])
+    cfg = tiny_monitored_run(tmp_path, "second", monitor=False, init=str(first["backbone"]))
+    torch.manual_seed(0)
+    student, teacher = build_networks(cfg.model, cfg.data.img_size)
+    for net in (student, teacher):
+        state = net.backbone.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in exported.items())
+    torch.manual_seed(0)
+    fresh, _ = build_networks(tiny_monitored_run(tmp_path, "third", monitor=False).model, cfg.data.img_size)
+    assert not torch.equal(fresh.backbone.cls_token, student.backbone.cls_token)
+    # The heads start fresh (the same draw as without init).
+    assert all(torch.equal(p, q) for p, q in zip(fresh.head.parameters(), student.head.parameters()))
+    cfg.model.init = str(tmp_path / "missing.pth")
+    with pytest.raises(ConfigError, match=r"model\.init.*missing\.pth"):
+        build_networks(cfg.model, cfg.data.img_size)
 
 
 def test_eval_keys_go_together() -> None:

@@ -158,6 +158,7 @@ def extract_features(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        generator=torch.Generator(),  # iterating draws its worker seed from here, not from the training's RNG
     )
     was_training = model.training
     model.eval()

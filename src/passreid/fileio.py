@@ -25,12 +25,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
     ...     f.write("a.jpg\\n")
 
     The parent folder is created. The temporary file is hidden (``.NAME.XXXX.tmp``)
-    and removed when the body raises (the error propagates unchanged).
+    and removed when the body raises (the error propagates unchanged). The file
+    gets the permissions ``open()`` would give it (0o666 less the umask), not the
+    owner-only ones of a temporary file, so a shared run folder stays readable.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
@@ -40,6 +43,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

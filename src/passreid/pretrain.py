@@ -39,6 +39,7 @@ from passreid.runtime import (
     resolve_precision,
     unwrap,
 )
+from passreid.checkpoint import load_checkpoint
 from passreid.errors import ConfigError
 from passreid.losses.pass_loss import PASSLoss
 from passreid.data.samplers import EpochSampler
@@ -129,7 +130,10 @@ class AugConfig:
 @dataclass
 class PretrainModelConfig:
     """Backbone and projection heads. ``mode``: ``pass`` (4 heads, banded local crops) or ``dino``
-    (the ablation: class token only, local crops from the whole image)."""
+    (the ablation: class token only, local crops from the whole image). ``init``: a backbone checkpoint
+    (a passreid export, a published PASS checkpoint, a pretraining ``last.pth``) that student and
+    teacher start from, to continue pretraining on new data; the heads start fresh. A resumed run
+    takes everything from its checkpoint instead."""
 
     name: str = "pass_vit_small"
     depth: int = 12
@@ -139,6 +143,7 @@ class PretrainModelConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
+    init: str = ""
 
     def __post_init__(self) -> None:
         check_choice("model.mode", self.mode, MODES)
@@ -242,12 +247,20 @@ class PretrainConfig:
 
 
 def build_networks(model_cfg: PretrainModelConfig, img_size: Sequence[int]) -> tuple[PassPretrainNet, PassPretrainNet]:
-    """Student (drop path) and teacher (no drop path, no gradient, same initial weights) of ``model_cfg``."""
-    return build_pretrain_networks(
+    """Student (drop path) and teacher (no drop path, no gradient, same initial weights) of ``model_cfg``,
+    both backbones loaded from ``model_cfg.init`` when it is set."""
+    student, teacher = build_pretrain_networks(
         model_cfg.name, img_size=(img_size[0], img_size[1]), depth=model_cfg.depth,
         drop_path_rate=model_cfg.drop_path_rate, part_aware=model_cfg.mode == "pass", out_dim=model_cfg.out_dim,
         hidden_dim=model_cfg.hidden_dim, bottleneck_dim=model_cfg.bottleneck_dim,
         norm_last_layer=model_cfg.norm_last_layer)
+    if model_cfg.init:
+        if not Path(model_cfg.init).is_file():
+            raise ConfigError(f"config key 'model.init': {model_cfg.init} is not a file")
+        report = load_checkpoint(student.backbone, model_cfg.init)
+        teacher.backbone.load_state_dict(student.backbone.state_dict())
+        logger.info("student and teacher backbones start from %s (%s)", model_cfg.init, report.summary())
+    return student, teacher
 
 
 

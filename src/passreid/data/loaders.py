@@ -128,6 +128,7 @@ def folder_loader(
 
 def test_loader(records: Sequence[ImageRecord], *, img_size: Sequence[int], mean: Sequence[float],
                 std: Sequence[float], batch_size: int, num_workers: int = 0, skip_corrupt: bool = False) -> DataLoader:
-    """Test-transform batches of ``records`` in order (feature statistics, not training)."""
+    """Test-transform batches of ``records`` in order (feature statistics, not training); iterating them takes
+    nothing from the global torch RNG, so a run's training draws do not depend on how often it evaluates."""
     dataset = ImageDataset(records, transform=build_test_transform(img_size, mean, std), skip_corrupt=skip_corrupt)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
