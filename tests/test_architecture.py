@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("parts", ("passreid.models", "passreid.losses", "passreid.data", "passreid.evaluation",
                "passreid.kreciprocal", "passreid.clustering")),
     ("config", ("passreid.config",)),
-    ("inference", ("passreid.checkpoint", "passreid.checkpoint_io", "passreid.checkpoint_formats", "passreid.features", "passreid.search", "passreid.api",
+    ("inference", ("passreid.assets", "passreid.checkpoint", "passreid.checkpoint_io", "passreid.checkpoint_formats", "passreid.features", "passreid.search", "passreid.api",
                    "passreid.export", "passreid.monitor", "passreid.visualize")),
     ("training", ("passreid.training", "passreid.engine")),
     ("stages", ("passreid.finetune", "passreid.pretrain", "passreid.cluster")),
