@@ -171,6 +171,14 @@ def test_init_starts_student_and_teacher_from_a_backbone(tmp_path: Path) -> None
     cfg.model.init = str(tmp_path / "missing.pth")
     with pytest.raises(ConfigError, match=r"model\.init.*missing\.pth"):
         build_networks(cfg.model, cfg.data.img_size)
+    # A run started from init resumes from its own checkpoint, without reading the init file again.
+    cfg.model.init = str(first["backbone"])
+    cfg.run.epochs = 1
+    run_pretrain(cfg)
+    Path(first["backbone"]).unlink()
+    cfg.run.epochs = 2
+    resumed = run_pretrain(cfg, resume="", force_resume=True)
+    assert resumed["epoch"] == 2 and not resumed["stopped"]
 
 
 def test_eval_keys_go_together() -> None:

@@ -14,6 +14,7 @@ epoch (``model`` = ``{"student", "teacher", "centers"}``) and, at the end,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -496,7 +497,9 @@ def run_pretrain(cfg: PretrainConfig, resume: str | None = None, force_resume: b
         if cfg.run.max_iters_per_epoch:
             ipe = min(ipe, cfg.run.max_iters_per_epoch)
 
-        student, teacher = build_networks(cfg.model, cfg.data.img_size)
+        # A resumed run's checkpoint holds the weights: model.init is not read again (nor needed any more).
+        model_cfg = dataclasses.replace(cfg.model, init="") if run.resumed else cfg.model
+        student, teacher = build_networks(model_cfg, cfg.data.img_size)
         student, teacher = student.to(info.device), teacher.to(info.device)
         loss_fn = PASSLoss(cfg.model.out_dim, num_tokens=student.head.num_tokens,
                            student_temp=cfg.loss.student_temp, teacher_temp=cfg.loss.teacher_temp,
