@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from passreid.cluster import ClusterConfig
-from passreid.clustering import cluster_stats, pseudo_labels
+from passreid.clustering import cluster_stats, pseudo_label_quality, pseudo_labels
 from passreid.losses.cluster_memory import ClusterMemory, cluster_centroids
 from passreid.config import load_config
 from passreid.errors import ConfigError
@@ -55,6 +55,27 @@ def test_scattered_points_are_outliers():
     assert kept.mean() > 0.8
     assert adjusted_rand_score(groups[kept], labels[:-4][kept]) == 1.0
     assert cluster_stats(labels) == {"num_clusters": 3, "outlier_fraction": float((labels < 0).mean())}
+
+
+def test_pseudo_label_quality_by_hand():
+    # Clustered: cluster 0 = ids {5, 5, 6}, cluster 1 = ids {7, 7}; the outlier (id 8) is left out.
+    labels, pids = np.array([0, 0, 0, 1, 1, -1]), np.array([5, 5, 6, 7, 7, 8])
+    quality = pseudo_label_quality(labels, pids)
+    assert quality["pseudo_purity"] == pytest.approx(4 / 5)
+    # ARI: pair counts 2 within both, 4 within clusters, 2 within ids, of C(5, 2) = 10 pairs:
+    # (2 - 4 * 2 / 10) / ((4 + 2) / 2 - 4 * 2 / 10)
+    assert quality["pseudo_ari"] == pytest.approx(1.2 / 2.2)
+    assert 0 < quality["pseudo_nmi"] < 1
+    perfect = pseudo_label_quality(np.array([1, 1, 0, 0, -1]), np.array([3, 3, 9, 9, 4]))
+    assert perfect == {"pseudo_purity": 1.0, "pseudo_ari": 1.0, "pseudo_nmi": pytest.approx(1.0)}
+
+
+def test_pseudo_label_quality_is_empty_without_identities_or_clusters():
+    assert pseudo_label_quality(np.array([0, 0, 1, 1]), np.array([-1, -1, -1, -1])) == {}  # unlabelled folder
+    assert pseudo_label_quality(np.array([0, 0, 1, 1]), np.zeros(4, np.int64)) == {}  # one identity: no labels
+    assert pseudo_label_quality(np.array([-1, -1]), np.array([1, 2])) == {}  # everything an outlier
+    with pytest.raises(ValueError, match="shape"):
+        pseudo_label_quality(np.array([0, 1]), np.array([0, 1, 2]))
 
 
 def test_centroids_are_normalised_means_without_outliers():
@@ -226,6 +247,8 @@ def test_short_usl_run_improves_on_its_starting_model_and_exports_it(banded, tmp
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert all(r["num_clusters"] >= 8 and 0 <= r["outlier_fraction"] < 0.5 for r in records)
+    # The train split's own identities grade the pseudo labels (a diagnostic, never trained on).
+    assert all(0 < r["pseudo_purity"] <= 1 and -1 <= r["pseudo_ari"] <= 1 for r in records)
     # The export rebuilds as the best model: same layout names, same features, same mAP.
     model, _ = build_model_from_checkpoint(result["model"])
     assert any(k.startswith("bottleneck_pt1.") for k in model.state_dict())

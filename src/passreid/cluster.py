@@ -46,7 +46,7 @@ from passreid.runtime import (
     unwrap,
 )
 from passreid.errors import ConfigError, DatasetError, TrainingError
-from passreid.clustering import cluster_stats, pseudo_labels
+from passreid.clustering import cluster_stats, pseudo_label_quality, pseudo_labels
 from passreid.losses.cluster_memory import MEMORY_MODES, ClusterMemory
 from passreid.models import ReIDModel
 from passreid.training import optim as training_optim
@@ -441,6 +441,12 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                                            cfg.cluster.k2, search=cfg.cluster.search, device=info.device)
                 labels = broadcast_from_main(labels, info)  # DBSCAN runs once, on rank 0
             stats = cluster_stats(labels)
+            if info.is_main:  # against the train split's own identities, when it has them (never trained on)
+                stats.update(pseudo_label_quality(labels, np.array([r.pid for r in dataset.train])))
+                if "pseudo_purity" in stats:
+                    logger.info("epoch %d pseudo labels against the train split's identities: purity %.2f, "
+                                "ARI %.2f, NMI %.2f", epoch, stats["pseudo_purity"], stats["pseudo_ari"],
+                                stats["pseudo_nmi"])
             if stats["num_clusters"] < max(2, info.world_size):  # a contrast needs two clusters per batch
                 raise TrainingError(
                     f"epoch {epoch}: DBSCAN (eps {cfg.cluster.eps}, min_samples {cfg.cluster.min_samples}) "
