@@ -15,9 +15,10 @@ CPU scale on synthetic data:
    (``--epochs`` over the pool: 4 by default, so that the whole benchmark fits
    in an hour on 2 cores; at that length no arm moves. The recipe's own length,
    ``--pool-images 6000 --epochs 13`` = 2,431 steps per pretraining, is where
-   PASS + fine-tuning pulls ahead of random init: each pretraining took 81
-   minutes on 2 cores, two side by side (``--jobs 2``) with a third job
-   beside them; see the README);
+   fine-tuning orders them as the paper does, random < DINO < PASS (43.3 mAP
+   for PASS, 35.8 for DINO, 22.3 for random init); each pretraining took 73
+   to 81 minutes on 2 cores with two others beside it, about 3.5 hours for
+   the three arms; see the README);
    then for each: frozen-feature mAP/R1 (no training, :mod:`passreid.monitor`)
    and mAP/R1 after the same short fine-tuning (the demo's fine-tuning recipe).
 
@@ -29,6 +30,12 @@ PASS vs DINO reported as measured).
     python benchmarks/bench_pretrain_quality.py            # 3 seeds x (2 pretrainings of 375 steps + 3 fine-tunings)
     python benchmarks/bench_pretrain_quality.py --quick    # smoke run: one seed, 2 x 8 steps (58 s on 2 idle cores)
     python benchmarks/bench_pretrain_quality.py --jobs 2   # the (arm, seed) units in 2 one-thread processes
+
+On a GPU (``--device auto`` picks it; pretraining, frozen features and fine-tuning
+all run there), the run issue #14 waits for: three times the CPU's longest length,
+with more loader workers to feed the device::
+
+    python benchmarks/bench_pretrain_quality.py --pool-images 6000 --epochs 40 --jobs 3 data.num_workers=4
 
 ``--arms`` runs some of the arms only (the JSON then leaves out the gaps it cannot compute).
 """
@@ -94,14 +101,14 @@ def frozen(arm: str, seed: int, backbone_path: Path | None, monitor: Any) -> dic
 
 
 def finetune(arm: str, seed: int, backbone_path: Path | None, labelled: Path, work: Path,
-             epochs: int | None) -> dict[str, float]:
+             epochs: int | None, device: str) -> dict[str, float]:
     """The demo's short fine-tuning on the labelled train split, evaluated on its query/gallery."""
     from passreid.demo import DemoContext
     from passreid.runtime import cores_beside_workers
     from passreid.demo import finetune_config
     from passreid.finetune import run_finetune
 
-    ctx = DemoContext(workdir=work, source_root=labelled, target_root=labelled, device=torch.device("cpu"),
+    ctx = DemoContext(workdir=work, source_root=labelled, target_root=labelled, device=torch.device(device),
                       seed=seed)
     cfg = finetune_config(ctx, f"finetune-{arm}-{seed}", pretrained=str(backbone_path or ""))
     if epochs is not None:
@@ -114,7 +121,7 @@ def finetune(arm: str, seed: int, backbone_path: Path | None, labelled: Path, wo
 
 
 def run_unit(arm: str, seed: int, pool: Path, labelled: Path, work: Path, overrides: list[str],
-             ft_epochs: int | None) -> dict[str, float]:
+             ft_epochs: int | None, device: str = "cpu") -> dict[str, float]:
     """One arm at one seed: pretrain (unless random init), then frozen and fine-tuned figures."""
     from passreid.data.datasets import build_dataset
     from passreid.demo import DEMO_IMG_SIZE
@@ -122,12 +129,12 @@ def run_unit(arm: str, seed: int, pool: Path, labelled: Path, work: Path, overri
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
-    monitor = RetrievalMonitor(build_dataset("synthetic", str(labelled)), DEMO_IMG_SIZE)
+    monitor = RetrievalMonitor(build_dataset("synthetic", str(labelled)), DEMO_IMG_SIZE, device=device)
     t0 = time.perf_counter()
     backbone = None if arm == "random" else pretrain(arm, seed, pool, work, overrides)
     seconds = round(time.perf_counter() - t0, 1)
     fz = frozen(arm, seed, backbone, monitor)
-    fn = finetune(arm, seed, backbone, labelled, work, ft_epochs)
+    fn = finetune(arm, seed, backbone, labelled, work, ft_epochs, device)
     unit = {"frozen_mAP": round(100 * fz["mAP"], 2), "frozen_rank1": round(100 * fz["rank1"], 2),
             "finetune_mAP": round(100 * fn["mAP"], 2), "finetune_rank1": round(100 * fn["rank1"], 2),
             "pretrain_seconds": seconds}
@@ -152,14 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms to run")
     parser.add_argument("--jobs", type=int, default=1,
                         help="(arm, seed) units run in this many processes of one thread each (2 on 2 cores)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda or auto (cuda when there is one): pretraining, frozen features, fine-tuning")
     parser.add_argument("--workdir", type=Path, help="keep data and runs here (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the pretraining recipe")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
 
+    from passreid.runtime import resolve_device
+
     seeds = args.seeds[:1] if args.quick else args.seeds
-    overrides = [f"run.epochs={2 if args.quick else args.epochs}", *args.overrides]
+    device = str(resolve_device(args.device))
+    overrides = [f"run.epochs={2 if args.quick else args.epochs}", f"run.device={device}", *args.overrides]
     ft_epochs = None
     if args.quick:
         overrides += ["data.limit=256", "optim.warmup_epochs=1"]
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         pool, labelled = make_data(work, 512 if args.quick else args.pool_images, args.quick, args.scenes)
         # the pretraining units first: with --jobs, the short random-init units fill the gaps at the end
         units = [(arm, seed) for arm in ("pass", "dino", "random") for seed in seeds if arm in args.arms]
-        jobs = [(arm, seed, pool, labelled, work, overrides, ft_epochs) for arm, seed in units]
+        jobs = [(arm, seed, pool, labelled, work, overrides, ft_epochs, device) for arm, seed in units]
         if args.jobs > 1:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as executor:
@@ -217,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - start, 1),
         "jobs": args.jobs,
         "threads_per_job": 1,
+        "device": device,
         "torch": torch.__version__,
     }
     print(json.dumps(out))
