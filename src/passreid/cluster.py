@@ -424,6 +424,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
             calibrate_necks(model, _plain_loader(dataset.train[info.rank::info.world_size], cfg), info.device,
                             precision, info.world_size)
         metrics: dict[str, Any] = {}
+        train_pids = np.array([r.pid for r in dataset.train])  # only to grade the pseudo labels
         for epoch in run.epochs():
             start_step = state.step  # non-zero only in the epoch a stop request cut short
             if start_step:  # stopped inside this epoch: its pseudo labels and memory as they were
@@ -442,7 +443,7 @@ def run_cluster(cfg: ClusterConfig, mode: str = "usl", resume: str | None = None
                 labels = broadcast_from_main(labels, info)  # DBSCAN runs once, on rank 0
             stats = cluster_stats(labels)
             if info.is_main:  # against the train split's own identities, when it has them (never trained on)
-                stats.update(pseudo_label_quality(labels, np.array([r.pid for r in dataset.train])))
+                stats.update(pseudo_label_quality(labels, train_pids))
                 if "pseudo_purity" in stats:
                     logger.info("epoch %d pseudo labels against the train split's identities: purity %.2f, "
                                 "ARI %.2f, NMI %.2f", epoch, stats["pseudo_purity"], stats["pseudo_ari"],

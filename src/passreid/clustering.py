@@ -76,6 +76,7 @@ def pseudo_label_quality(labels: np.ndarray, pids: np.ndarray) -> dict[str, floa
         distinct values, or negative ones: an unlabelled folder).
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    from sklearn.metrics.cluster import contingency_matrix
 
     labels, pids = np.asarray(labels), np.asarray(pids)
     if labels.shape != pids.shape:
@@ -84,9 +85,7 @@ def pseudo_label_quality(labels: np.ndarray, pids: np.ndarray) -> dict[str, floa
     if not clustered.any() or (pids < 0).any() or len(np.unique(pids)) < 2:
         return {}
     labels, pids = labels[clustered], pids[clustered]
-    _, pid_index = np.unique(pids, return_inverse=True)
-    counts = np.zeros((int(labels.max()) + 1, int(pid_index.max()) + 1), np.int64)
-    np.add.at(counts, (labels, pid_index), 1)
+    counts = contingency_matrix(labels, pids)  # (clusters, identities)
     return {"pseudo_purity": float(counts.max(axis=1).sum()) / len(labels),
             "pseudo_ari": float(adjusted_rand_score(pids, labels)),
             "pseudo_nmi": float(normalized_mutual_info_score(pids, labels))}
