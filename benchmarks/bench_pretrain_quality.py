@@ -32,8 +32,8 @@ PASS vs DINO reported as measured).
     python benchmarks/bench_pretrain_quality.py --jobs 2   # the (arm, seed) units in 2 one-thread processes
 
 On a GPU (``--device auto`` picks it; pretraining, frozen features and fine-tuning
-all run there), the run issue #14 waits for: three times the CPU's longest length,
-with more loader workers to feed the device::
+all run there), all three arms at three times the CPU's longest length, with more
+loader workers to feed the device (not timed on a GPU yet)::
 
     python benchmarks/bench_pretrain_quality.py --pool-images 6000 --epochs 40 --jobs 3 data.num_workers=4
 
