@@ -3,9 +3,9 @@
 ``pass_vit_tiny_synthetic.pth`` is the teacher backbone that ``passreid pretrain``
 exported after the small-scale recipe (``configs/pretrain/synthetic_tiny.yaml``,
 13 epochs = 2,431 steps: 35 minutes alone on 2 CPU cores, 80 for this file
-beside other jobs) on a 6,000-image synthetic pool of 50 cameras. Its ``.json`` sidecar is the export's own (the
-run's full config and metadata) plus ``meta.made_by``: the commands, run from
-the repository root, that made it. The demo fine-tunes from it, because
+beside other jobs) on a 6,000-image synthetic pool of 50 cameras. Its ``.json``
+sidecar is the export's own (the run's full config and metadata) plus
+``meta.made_by``: the commands, run from the repository root, that made it. The demo fine-tunes from it, because
 pretraining that learns (issue #14) takes longer than the demo's 5 minutes.
 """
 
