@@ -121,7 +121,7 @@ def finetune(arm: str, seed: int, backbone_path: Path | None, labelled: Path, wo
 
 
 def run_unit(arm: str, seed: int, pool: Path, labelled: Path, work: Path, overrides: list[str],
-             ft_epochs: int | None, device: str = "cpu") -> dict[str, float]:
+             ft_epochs: int | None, device: str) -> dict[str, float]:
     """One arm at one seed: pretrain (unless random init), then frozen and fine-tuned figures."""
     from passreid.data.datasets import build_dataset
     from passreid.demo import DEMO_IMG_SIZE
