@@ -61,13 +61,13 @@ RECIPE = REPO / "configs" / "pretrain" / "synthetic_tiny.yaml"
 ARMS = ("random", "dino", "pass")
 
 
-def make_data(work: Path, pool_images: int, quick: bool, scenes: int) -> tuple[Path, Path]:
+def make_data(work: Path, pool_images: int, quick: bool, scenes: int, clutter: bool) -> tuple[Path, Path]:
     """The unlabeled pool and the labelled evaluation set (msmt style, 100 + 100 identities)."""
     from passreid.data.synthetic import generate_pool, generate_synthetic
 
     pool, labelled = work / "pool", work / "labelled"
     if not pool.exists():
-        generate_pool(pool, num_images=pool_images, seed=1000, clutter=False, num_scenes=scenes)
+        generate_pool(pool, num_images=pool_images, seed=1000, clutter=clutter, num_scenes=scenes)
     if not labelled.exists():
         ids = 40 if quick else 200
         generate_synthetic(labelled, num_ids=ids, num_train_ids=ids // 2, num_cams=6, seed=1001, domain="msmt")
@@ -75,15 +75,25 @@ def make_data(work: Path, pool_images: int, quick: bool, scenes: int) -> tuple[P
 
 
 def pretrain(arm: str, seed: int, pool: Path, work: Path, overrides: list[str]) -> Path:
-    """Run ``passreid pretrain`` (in process) with the small-scale recipe; returns the exported backbone."""
+    """Run ``passreid pretrain`` (in process) with the small-scale recipe; returns the exported backbone.
+
+    A run folder left in ``work`` by an interrupted benchmark is resumed from its
+    ``last.pth``; a finished one (its ``backbone.pth`` written) is not run again.
+    """
     from passreid.config import load_config
     from passreid.runtime import cores_beside_workers
     from passreid.pretrain import PretrainConfig, run_pretrain
 
+    folder = work / f"{arm}-{seed}"
+    if (folder / "backbone.pth").is_file():
+        return folder / "backbone.pth"
     cfg = load_config(PretrainConfig, RECIPE, [f"data.root={pool}", f"model.mode={arm}", f"run.seed={seed}",
-                                               f"run.output_dir={work / f'{arm}-{seed}'}", *overrides])
+                                               f"run.output_dir={folder}", *overrides])
+    resume = "" if (folder / "last.pth").is_file() else None
     with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
-        result = run_pretrain(cfg)
+        result = run_pretrain(cfg, resume=resume)
+    if result["backbone"] is None:
+        raise RuntimeError(f"pretraining {arm} (seed {seed}) stopped early; run the benchmark again to resume it")
     return Path(result["backbone"])
 
 
@@ -130,16 +140,17 @@ def run_unit(arm: str, seed: int, pool: Path, labelled: Path, work: Path, overri
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     monitor = RetrievalMonitor(build_dataset("synthetic", str(labelled)), DEMO_IMG_SIZE, device=device)
+    reused = (work / f"{arm}-{seed}" / "backbone.pth").is_file()
     t0 = time.perf_counter()
     backbone = None if arm == "random" else pretrain(arm, seed, pool, work, overrides)
-    seconds = round(time.perf_counter() - t0, 1)
+    seconds = None if reused else round(time.perf_counter() - t0, 1)
     fz = frozen(arm, seed, backbone, monitor)
     fn = finetune(arm, seed, backbone, labelled, work, ft_epochs, device)
     unit = {"frozen_mAP": round(100 * fz["mAP"], 2), "frozen_rank1": round(100 * fz["rank1"], 2),
             "finetune_mAP": round(100 * fn["mAP"], 2), "finetune_rank1": round(100 * fn["rank1"], 2),
             "pretrain_seconds": seconds}
     print(f"seed {seed} {arm}: frozen mAP {unit['frozen_mAP']:.1f}, fine-tuned mAP {unit['finetune_mAP']:.1f} "
-          f"({seconds:.0f} s pretraining)", file=sys.stderr, flush=True)
+          f"({'reused' if seconds is None else f'{seconds:.0f} s'} pretraining)", file=sys.stderr, flush=True)
     return unit
 
 
@@ -155,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed, a small pool, few steps (a smoke run)")
     parser.add_argument("--pool-images", type=int, default=3000)
     parser.add_argument("--scenes", type=int, default=50, help="cameras of the pool (0: a new scene per image)")
+    parser.add_argument("--no-clutter", action="store_true",
+                        help="one scene behind each pool image instead of a patchwork of scenes")
     parser.add_argument("--epochs", type=int, default=4, help="pretraining epochs over the pool, every arm")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms to run")
     parser.add_argument("--jobs", type=int, default=1,
@@ -180,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        pool, labelled = make_data(work, 512 if args.quick else args.pool_images, args.quick, args.scenes)
+        pool, labelled = make_data(work, 512 if args.quick else args.pool_images, args.quick, args.scenes,
+                                   not args.no_clutter)
         # the pretraining units first: with --jobs, the short random-init units fill the gaps at the end
         units = [(arm, seed) for arm in ("pass", "dino", "random") for seed in seeds if arm in args.arms]
         jobs = [(arm, seed, pool, labelled, work, overrides, ft_epochs, device) for arm, seed in units]
@@ -216,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": "pass_vit_tiny depth 4, 128x64",
         "recipe": str(RECIPE.relative_to(REPO)),
         "overrides": overrides,
+        "pool": {"images": 512 if args.quick else args.pool_images, "scenes": args.scenes,
+                 "clutter": not args.no_clutter},
         "arms": arms,
         "pass_minus_random_frozen_mAP": frozen_gap,
         "pass_minus_random_finetune_mAP": finetune_gap,
