@@ -5,7 +5,9 @@ CPU scale on synthetic data:
 
 1. an unlabeled pretraining pool, LUPerson-like (``generate_pool`` with 50
    cameras from three domain styles, each filming ~60 people, every person in
-   4 images: ``passreid synth --pool 3000 --scenes 50 --no-clutter``);
+   4 images, the background behind each a patchwork of other scenes:
+   ``passreid synth --pool 3000 --scenes 50``; ``--no-clutter`` for one scene
+   behind each image, the pool of the earlier rounds);
 2. a labelled msmt-style set with disjoint identities: its train split (100
    identities) for a short fine-tuning, its query/gallery (100 other identities)
    for every evaluation;
