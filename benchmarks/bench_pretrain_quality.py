@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from passreid.runtime import resolve_device
 
     seeds = args.seeds[:1] if args.quick else args.seeds
+    pool_images = 512 if args.quick else args.pool_images
     device = str(resolve_device(args.device))
     overrides = [f"run.epochs={2 if args.quick else args.epochs}", f"run.device={device}", *args.overrides]
     ft_epochs = None
@@ -199,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        pool, labelled = make_data(work, 512 if args.quick else args.pool_images, args.quick, args.scenes,
-                                   not args.no_clutter)
+        pool, labelled = make_data(work, pool_images, args.quick, args.scenes, not args.no_clutter)
         # the pretraining units first: with --jobs, the short random-init units fill the gaps at the end
         units = [(arm, seed) for arm in ("pass", "dino", "random") for seed in seeds if arm in args.arms]
         jobs = [(arm, seed, pool, labelled, work, overrides, ft_epochs, device) for arm, seed in units]
@@ -236,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "pass_vit_tiny depth 4, 128x64",
         "recipe": str(RECIPE.relative_to(REPO)),
         "overrides": overrides,
-        "pool": {"images": 512 if args.quick else args.pool_images, "scenes": args.scenes,
-                 "clutter": not args.no_clutter},
+        "pool": {"images": pool_images, "scenes": args.scenes, "clutter": not args.no_clutter},
         "arms": arms,
         "pass_minus_random_frozen_mAP": frozen_gap,
         "pass_minus_random_finetune_mAP": finetune_gap,
