@@ -80,11 +80,13 @@ def make_data(work: Path, pool_images: int, quick: bool, scenes: int, clutter: b
     return pool, labelled
 
 
-def pretrain(arm: str, seed: int, pool: Path, work: Path, overrides: list[str]) -> Path:
-    """Run ``passreid pretrain`` (in process) with the small-scale recipe; returns the exported backbone.
+def pretrain(arm: str, seed: int, pool: Path, work: Path, overrides: list[str]) -> tuple[Path, float | None]:
+    """Run ``passreid pretrain`` (in process) with the small-scale recipe.
 
-    A run folder left in ``work`` by an interrupted benchmark is resumed from its
-    ``last.pth``; a finished one (its ``backbone.pth`` written) is not run again.
+    Returns the exported backbone and the seconds the pretraining took here. A run
+    folder left in ``work`` by an interrupted benchmark is resumed from its
+    ``last.pth``; a finished one (its ``backbone.pth`` written) is not run again and
+    its seconds are ``None``.
     """
     from passreid.config import load_config
     from passreid.runtime import cores_beside_workers
@@ -92,15 +94,16 @@ def pretrain(arm: str, seed: int, pool: Path, work: Path, overrides: list[str]) 
 
     folder = work / f"{arm}-{seed}"
     if (folder / "backbone.pth").is_file():
-        return folder / "backbone.pth"
+        return folder / "backbone.pth", None
     cfg = load_config(PretrainConfig, RECIPE, [f"data.root={pool}", f"model.mode={arm}", f"run.seed={seed}",
                                                f"run.output_dir={folder}", *overrides])
     resume = "" if (folder / "last.pth").is_file() else None
+    t0 = time.perf_counter()
     with cores_beside_workers(cfg.data.num_workers, cfg.run.device):
         result = run_pretrain(cfg, resume=resume)
     if result["backbone"] is None:
         raise RuntimeError(f"pretraining {arm} (seed {seed}) stopped early; run the benchmark again to resume it")
-    return Path(result["backbone"])
+    return Path(result["backbone"]), round(time.perf_counter() - t0, 1)
 
 
 def frozen(arm: str, seed: int, backbone_path: Path | None, monitor: Any) -> dict[str, float]:
@@ -146,10 +149,7 @@ def run_unit(arm: str, seed: int, pool: Path, labelled: Path, work: Path, overri
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     monitor = RetrievalMonitor(build_dataset("synthetic", str(labelled)), DEMO_IMG_SIZE, device=device)
-    reused = (work / f"{arm}-{seed}" / "backbone.pth").is_file()
-    t0 = time.perf_counter()
-    backbone = None if arm == "random" else pretrain(arm, seed, pool, work, overrides)
-    seconds = None if reused else round(time.perf_counter() - t0, 1)
+    backbone, seconds = (None, 0.0) if arm == "random" else pretrain(arm, seed, pool, work, overrides)
     fz = frozen(arm, seed, backbone, monitor)
     fn = finetune(arm, seed, backbone, labelled, work, ft_epochs, device)
     unit = {"frozen_mAP": round(100 * fz["mAP"], 2), "frozen_rank1": round(100 * fz["rank1"], 2),

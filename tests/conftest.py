@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 SPAWN_TIMEOUT_S = 180.0
 """How long spawned DDP workers may run before they count as hung (a normal run takes under 20 s);
@@ -54,3 +61,21 @@ def _spawn_and_join(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int,
 def spawn() -> Callable[..., None]:
     """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes, failing instead of hanging (see ``_spawn_and_join``)."""
     return _spawn_and_join
+
+
+@contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` imported as module ``name`` (the scripts are not a package).
+
+    The module is registered in ``sys.modules`` while in use, since dataclasses and pickling look
+    their module up there, and removed afterwards.
+    """
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

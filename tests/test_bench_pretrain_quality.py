@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from conftest import benchmark_module
 from passreid.data.synthetic import generate_pool
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,30 +20,25 @@ TINY = ["run.epochs=1", "data.batch_size=8", "data.num_workers=0", "model.depth=
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("bench_pretrain_quality",
-                                                  REPO / "benchmarks" / "bench_pretrain_quality.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_pretrain_quality"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_pretrain_quality", None)
+    with benchmark_module("bench_pretrain_quality") as module:
+        yield module
 
 
 def test_pretraining_is_reused_when_finished_and_resumed_when_interrupted(bench: ModuleType, tmp_path: Path) -> None:
     pool = tmp_path / "pool"
     generate_pool(pool, num_images=16, seed=0)
-    backbone = bench.pretrain("pass", 0, pool, tmp_path, TINY)
-    assert backbone == tmp_path / "pass-0" / "backbone.pth"
+    backbone, seconds = bench.pretrain("pass", 0, pool, tmp_path, TINY)
+    assert backbone == tmp_path / "pass-0" / "backbone.pth" and seconds > 0
     records = (tmp_path / "pass-0" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in records] == [1]
 
     # Finished: read back, not trained again (a run folder that is not empty would otherwise be refused).
     stamp = backbone.stat().st_mtime_ns
-    assert bench.pretrain("pass", 0, pool, tmp_path, TINY) == backbone
+    assert bench.pretrain("pass", 0, pool, tmp_path, TINY) == (backbone, None)
     assert backbone.stat().st_mtime_ns == stamp
 
     # Interrupted after its last checkpoint (no export yet): resumed from last.pth, no epoch trained twice.
     backbone.unlink()
-    assert bench.pretrain("pass", 0, pool, tmp_path, TINY) == backbone and backbone.is_file()
+    backbone_again, seconds = bench.pretrain("pass", 0, pool, tmp_path, TINY)
+    assert backbone_again == backbone and backbone.is_file() and seconds > 0
     assert (tmp_path / "pass-0" / "metrics.jsonl").read_text().splitlines() == records
