@@ -4,9 +4,9 @@ The ladder the method is about (PASS paper, Table 4 at full scale), measured at
 CPU scale on synthetic data:
 
 1. an unlabeled pretraining pool, LUPerson-like (``generate_pool`` with 50
-   cameras from three domain styles, each filming ~60 people, every person in
+   cameras from three domain styles, each filming ~120 people, every person in
    4 images, the background behind each a patchwork of other scenes:
-   ``passreid synth --pool 3000 --scenes 50``; ``--no-clutter`` for one scene
+   ``passreid synth --pool 6000 --scenes 50``; ``--no-clutter`` for one scene
    behind each image, the pool of the earlier rounds);
 2. a labelled msmt-style set with disjoint identities: its train split (100
    identities) for a short fine-tuning, its query/gallery (100 other identities)
@@ -14,17 +14,13 @@ CPU scale on synthetic data:
 3. per seed: the tiny ViT (depth 4, 128x64) from random init, pretrained with
    plain DINO (``model.mode=dino``) and with PASS, both with the recipe
    ``configs/pretrain/synthetic_tiny.yaml`` and the same steps, batch and views
-   (``--epochs`` over the pool: 4 by default, so that the whole benchmark fits
-   in an hour on 2 cores; at that length no arm moves. The recipe's own length,
-   ``--pool-images 6000 --epochs 13`` = 2,431 steps per pretraining, is where
-   they move: on the cluttered pool PASS's frozen features reach 10.5 mAP
-   (random init 1.4) and fine-tuning 32.2 (random init 22.3); on the
-   one-scene pool fine-tuning orders the arms as the paper does, random <
-   DINO < PASS (22.3, 35.8, 43.3) while frozen features stay below 3; each
-   pretraining took 66 to 81 minutes on 2 cores with two others beside it,
-   about 3.5 hours for the three arms; see the README. Runs left in
-   ``--workdir`` are picked up: a finished one is reused, an interrupted one
-   resumed);
+   (``--epochs`` over the pool, by default the recipe's 20: 3,740 steps per
+   pretraining on the 6,000-image pool; on 2 CPU cores each takes about 100
+   minutes with two others beside it, so the three arms take about 4 hours;
+   see the README for the figures. ``--pool-images 3000 --epochs 4`` (375
+   steps) fits the hour; at that length no arm moved on the one-scene pool.
+   Runs left in ``--workdir`` are picked up: a finished
+   one is reused, an interrupted one resumed);
    then for each: frozen-feature mAP/R1 (no training, :mod:`passreid.monitor`)
    and mAP/R1 after the same short fine-tuning (the demo's fine-tuning recipe).
 
@@ -33,15 +29,16 @@ whether the issue's targets hold (PASS frozen >= random frozen + 10 mAP; PASS +
 fine-tuning >= random + fine-tuning + 5 mAP on the mean with every seed ahead;
 PASS vs DINO reported as measured).
 
-    python benchmarks/bench_pretrain_quality.py            # 3 seeds x (2 pretrainings of 375 steps + 3 fine-tunings)
+    python benchmarks/bench_pretrain_quality.py --jobs 3   # 3 seeds x (2 pretrainings of 3,740 steps + 3 fine-tunings)
     python benchmarks/bench_pretrain_quality.py --quick    # smoke run: one seed, 2 x 8 steps (58 s on 2 idle cores)
-    python benchmarks/bench_pretrain_quality.py --jobs 2   # the (arm, seed) units in 2 one-thread processes
+    python benchmarks/bench_pretrain_quality.py --arms pass random --jobs 3 --workdir runs/bq   # the targets' arms
 
-On a GPU (``--device auto`` picks it; pretraining, frozen features and fine-tuning
-all run there), all three arms at three times the CPU's longest length, with more
-loader workers to feed the device (not timed on a GPU yet)::
+``--jobs N`` runs the (arm, seed) units in N one-thread processes. On a GPU
+(``--device auto`` picks it; pretraining, frozen features and fine-tuning all
+run there), all three arms at twice the recipe's length, with more loader
+workers to feed the device (not timed on a GPU yet)::
 
-    python benchmarks/bench_pretrain_quality.py --pool-images 6000 --epochs 40 --jobs 3 data.num_workers=4
+    python benchmarks/bench_pretrain_quality.py --epochs 40 --jobs 3 data.num_workers=4
 
 ``--arms`` runs some of the arms only (the JSON then leaves out the gaps it cannot compute).
 """
@@ -170,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="one seed, a small pool, few steps (a smoke run)")
-    parser.add_argument("--pool-images", type=int, default=3000)
+    parser.add_argument("--pool-images", type=int, default=6000)
     parser.add_argument("--scenes", type=int, default=50, help="cameras of the pool (0: a new scene per image)")
     parser.add_argument("--no-clutter", action="store_true",
                         help="one scene behind each pool image instead of a patchwork of scenes")
-    parser.add_argument("--epochs", type=int, default=4, help="pretraining epochs over the pool, every arm")
+    parser.add_argument("--epochs", type=int,
+                        help="pretraining epochs over the pool, every arm (default: the recipe's run.epochs)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms to run")
     parser.add_argument("--jobs", type=int, default=1,
                         help="(arm, seed) units run in this many processes of one thread each (2 on 2 cores)")
@@ -186,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
 
+    from passreid.config import load_config
+    from passreid.pretrain import PretrainConfig
     from passreid.runtime import resolve_device
 
     seeds = args.seeds[:1] if args.quick else args.seeds
     pool_images = 512 if args.quick else args.pool_images
+    epochs = 2 if args.quick else args.epochs or load_config(PretrainConfig, RECIPE, []).run.epochs
     device = str(resolve_device(args.device))
-    overrides = [f"run.epochs={2 if args.quick else args.epochs}", f"run.device={device}", *args.overrides]
+    overrides = [f"run.epochs={epochs}", f"run.device={device}", *args.overrides]
     ft_epochs = None
     if args.quick:
         overrides += ["data.limit=256", "optim.warmup_epochs=1"]

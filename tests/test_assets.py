@@ -28,13 +28,15 @@ def test_the_demo_backbone_is_small_and_says_what_made_it(tmp_path: Path) -> Non
     sidecar = json.loads(DEMO_BACKBONE.with_suffix(".json").read_text())
     assert sidecar["meta"]["made_by"] == list(DEMO_BACKBONE_COMMANDS)
     assert sidecar["meta"]["format"] == "training:pretrain-teacher" and sidecar["meta"]["epoch"] == 13
-    # The run's config is the shipped recipe, untouched: the second command, run from the repository root
-    # (read back as a recipe, so that keys added since then take their defaults, as a resume would).
+    # The run's config is the shipped recipe with the second command's overrides, nothing else: that command,
+    # run from the repository root, makes it again (read back as a recipe, so that keys added since then take
+    # their defaults, as a resume would).
     (tmp_path / "run.yaml").write_text(json.dumps(sidecar["config"]))
     ran = load_config(PretrainConfig, tmp_path / "run.yaml", [])
-    recipe = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "synthetic_tiny.yaml", [])
+    _, _, recipe_path, *overrides = DEMO_BACKBONE_COMMANDS[1].split()
+    assert recipe_path == "configs/pretrain/synthetic_tiny.yaml"
+    recipe = load_config(PretrainConfig, REPO / recipe_path, overrides)
     assert asdict(ran) == asdict(recipe)
-    assert DEMO_BACKBONE_COMMANDS[1].split()[-1] == "configs/pretrain/synthetic_tiny.yaml"
     assert f"passreid synth {recipe.data.root} " in DEMO_BACKBONE_COMMANDS[0]
 
 

@@ -2,8 +2,9 @@
 
 ``pass_vit_tiny_synthetic.pth`` is the teacher backbone that ``passreid pretrain``
 exported after the small-scale recipe (``configs/pretrain/synthetic_tiny.yaml``,
-13 epochs = 2,431 steps: 35 minutes alone on 2 CPU cores, 80 for this file
-beside other jobs) on a 6,000-image synthetic pool of 50 cameras. Its ``.json``
+at the 13 epochs = 2,431 steps it had then: 35 minutes alone on 2 CPU cores, 80
+for this file beside other jobs) on a 6,000-image synthetic pool of 50 cameras,
+one scene behind each image. Its ``.json``
 sidecar is the export's own (the run's full config and metadata) plus
 ``meta.made_by``: the commands, run from the repository root, that made it. The demo fine-tunes from it, because
 pretraining that learns (issue #14) takes longer than the demo's 5 minutes.
@@ -24,7 +25,7 @@ DEMO_BACKBONE = Path(__file__).with_name("pass_vit_tiny_synthetic.pth")
 
 DEMO_BACKBONE_COMMANDS: tuple[str, ...] = (
     "passreid synth data/synth_pool --pool 6000 --scenes 50 --no-clutter --seed 3",
-    "passreid pretrain configs/pretrain/synthetic_tiny.yaml",
+    "passreid pretrain configs/pretrain/synthetic_tiny.yaml run.epochs=13",
 )
 """What made :data:`DEMO_BACKBONE`, from the repository root; the export is
 ``runs/pretrain/synthetic_tiny/backbone.pth``."""
